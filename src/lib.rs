@@ -1,0 +1,8 @@
+//! keyward: API and auth keys as Kubernetes custom resources.
+//!
+//! The library holds everything the `keyward` binary does, so integration tests and
+//! `keyward dev` drive the same code as production.
+
+pub mod control_plane;
+pub mod crds;
+pub mod resources;

@@ -1,0 +1,360 @@
+//! `AuthKey` and `ServiceAccountKey`: the keys themselves, and the status that the
+//! lifecycle engine keeps for both.
+
+// `printcolumn(..)` repeats `type_ = ..` by design; clippy reads that as a duplicate.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::shared::{KeyDuration, Tag};
+
+/// Which kind of provider a key's `providerRef` names.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum ProviderKind {
+    /// A `KeyProvider` in the key's own namespace.
+    #[default]
+    KeyProvider,
+    /// A cluster-wide `ClusterKeyProvider`.
+    ClusterKeyProvider,
+}
+
+/// The provider that issues this key. Like cert-manager's `issuerRef`, the kind
+/// defaults to the namespaced one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ProviderRef {
+    /// `KeyProvider` (same namespace, the default) or `ClusterKeyProvider`.
+    #[serde(default)]
+    pub kind: ProviderKind,
+    /// Name of the provider.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// When a key is renewed and how the old one is retired.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.renewBefore) && has(self.renewBeforePercentage))").message("set either rotation.renewBefore or rotation.renewBeforePercentage, not both"))]
+pub struct Rotation {
+    /// Renew this long before the key expires. Default: one third of the lifetime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_before: Option<KeyDuration>,
+    /// Renew when this percentage of the lifetime is left (1–99), instead of `renewBefore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 99))]
+    pub renew_before_percentage: Option<u8>,
+    /// How long the previous key stays valid after the Secret switches to the new one,
+    /// so that workloads reading the Secret have time to pick it up. Default: 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<KeyDuration>,
+    /// Replace a key that was used up (one-off) or revoked out of band. Default: true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reissue_when_invalid: Option<bool>,
+    /// How often the upstream is asked whether the key is still valid (providers that
+    /// can tell). Default: 1h; at least 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inspect_interval: Option<KeyDuration>,
+}
+
+/// Extra Secret content rendered from the key. `{{ key }}` is the key value; see the
+/// README for every variable.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct SecretTemplate {
+    /// Labels added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Extra data keys, each a template (e.g. a `config.toml` embedding the key).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub data: BTreeMap<String, String>,
+}
+
+/// The Secret keyward writes the key into.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
+#[x_kube(validation = Rule::new("!has(self.template) || !has(self.template.data) || !(self.key in self.template.data)").message("secret.template.data must not use the data key named in secret.key: keyward writes the key value there; pick another name for the template entry"))]
+#[x_kube(validation = Rule::new("!has(self.template) || !has(self.template.data) || self.template.data.all(k, k.matches('^[-._a-zA-Z0-9]+$'))").message("secret.template.data keys may contain only letters, digits, '-', '_' and '.' (Secret data key rules)"))]
+pub struct SecretSpec {
+    /// Name of the Secret. Default: the key resource's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: Option<String>,
+    /// Data key that holds the key value. Default: `key`.
+    #[serde(default = "default_secret_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+    /// Extra data keys, labels and annotations rendered from the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<SecretTemplate>,
+}
+
+fn default_secret_key() -> String {
+    "key".to_owned()
+}
+
+impl Default for SecretSpec {
+    fn default() -> Self {
+        Self {
+            name: None,
+            key: default_secret_key(),
+            template: None,
+        }
+    }
+}
+
+/// What happens upstream when the resource is deleted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Revoke every upstream key the resource holds (the default).
+    #[default]
+    Revoke,
+    /// Leave upstream keys alone; only the Secret is removed.
+    Retain,
+}
+
+/// A device / machine pre-authentication key (Tailscale, Encore style).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "keyward.dev",
+    version = "v1alpha1",
+    kind = "AuthKey",
+    namespaced,
+    status = "KeyStatus",
+    shortname = "ak",
+    category = "keyward",
+    doc = "A device pre-authentication key, issued by a provider and kept in a Secret, rotated before it expires and revoked on delete.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.providerRef.name"
+    ),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renews", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revision"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+pub struct AuthKeySpec {
+    /// The provider that issues the key.
+    pub provider_ref: ProviderRef,
+    /// A reusable key authenticates many devices; false makes a one-off key.
+    #[serde(default)]
+    pub reusable: bool,
+    /// Devices authenticated with the key are removed when they go offline.
+    #[serde(default)]
+    pub ephemeral: bool,
+    /// Devices authenticated with the key skip manual approval.
+    #[serde(default)]
+    pub preauthorized: bool,
+    /// ACL tags the devices get (`tag:name`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub tags: Vec<Tag>,
+    /// Free text for the upstream key; keyward appends its own short marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub description: Option<String>,
+    /// Upstream lifetime of each key, e.g. `2160h` (90 days). Provider limits apply;
+    /// default: the provider's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<KeyDuration>,
+    /// When to renew, and how long the previous key overlaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
+    /// The Secret the key is written into.
+    #[serde(default)]
+    pub secret: SecretSpec,
+    /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// The upstream principal a `ServiceAccountKey` belongs to.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ServiceAccountPrincipal {
+    /// Name of the upstream service account (Prefect: the bot's name).
+    #[schemars(length(min = 1, max = 100))]
+    pub name: String,
+    /// true (default): keyward creates the service account and deletes it with the
+    /// resource. false: keyward adopts an existing one and, on delete, only rotates
+    /// its key away.
+    #[serde(default = "default_true")]
+    pub create: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// An API key that belongs to a non-human principal (Prefect service-account style).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[kube(
+    group = "keyward.dev",
+    version = "v1alpha1",
+    kind = "ServiceAccountKey",
+    namespaced,
+    status = "KeyStatus",
+    shortname = "sak",
+    category = "keyward",
+    doc = "An API key of an upstream service account, issued by a provider and kept in a Secret, rotated before it expires and revoked on delete.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Provider",
+        type_ = "string",
+        json_path = ".spec.providerRef.name"
+    ),
+    printcolumn(
+        name = "Account",
+        type_ = "string",
+        json_path = ".spec.serviceAccount.name"
+    ),
+    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renews", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revision"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+pub struct ServiceAccountKeySpec {
+    /// The provider that issues the key.
+    pub provider_ref: ProviderRef,
+    /// The upstream principal that owns the key.
+    pub service_account: ServiceAccountPrincipal,
+    /// Upstream role of the service account, where the provider has roles (Prefect:
+    /// the account role name, e.g. `Member`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100))]
+    pub role: Option<String>,
+    /// Upstream scopes of the key, where the provider has them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Set)]
+    pub scopes: Vec<String>,
+    /// Free text for the upstream key; keyward appends its own short marker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 100))]
+    pub description: Option<String>,
+    /// Upstream lifetime of each key, e.g. `720h`; default: the provider's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry: Option<KeyDuration>,
+    /// When to renew, and how long the previous key overlaps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<Rotation>,
+    /// The Secret the key is written into.
+    #[serde(default)]
+    pub secret: SecretSpec,
+    /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// A previous key waiting out its overlap before it is revoked.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetiringKey {
+    /// Upstream id of the key (never its value).
+    pub key_id: String,
+    /// When keyward revokes it.
+    pub revoke_at: Time,
+    /// Why it was replaced (e.g. `Renewing`, `ForcedRotation`, `SpecChanged`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// An issuance in flight, recorded in status before the upstream call so that a
+/// crash at any point can be recovered: the marker is carried in the upstream key's
+/// description / name, and is how an orphan is found again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueAttempt {
+    /// Identifies this attempt; part of the marker.
+    pub id: String,
+    /// The marker written upstream (resource UID prefix + attempt id).
+    pub marker: String,
+    /// Why a key is being issued (e.g. `Initial`, `Renewing`, `SecretMismatch`).
+    pub reason: String,
+    /// When the attempt started.
+    pub started_at: Time,
+}
+
+/// Observed state of an `AuthKey` or `ServiceAccountKey`. Never holds a key value.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    /// `Ready`, `Issuing`, `Degraded`, with reasons that say what happened.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Upstream id of the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    /// When the current key was issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<Time>,
+    /// When the current key expires upstream (absent: it does not expire).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Time>,
+    /// When keyward will renew the current key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_time: Option<Time>,
+    /// Increments with every new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
+    /// `sha256:` digest of the Secret data keyward wrote, to notice edits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_hash: Option<String>,
+    /// Previous keys waiting out their overlap.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retiring: Vec<RetiringKey>,
+    /// The issuance in flight, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<IssueAttempt>,
+    /// When the upstream was last asked whether the current key is still valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_inspected_at: Option<Time>,
+}

@@ -1,0 +1,104 @@
+//! Shared integration-test harness: one real control plane per test binary, one fresh
+//! namespace per test.
+//!
+//! The control plane is started on first use from a dedicated thread (so it outlives
+//! any single test's runtime) and stopped by its watchdog when the test binary exits —
+//! also when a test failed or the binary was killed. Each test's namespace is deleted
+//! when its guard drops, during a panic too.
+
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use k8s_openapi::api::core::v1::Namespace;
+use keyward::control_plane::{ControlPlane, Options};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, PostParams},
+};
+
+static PLANE: OnceLock<ControlPlane> = OnceLock::new();
+
+/// The control plane of this test binary, started on first use.
+pub fn plane() -> &'static ControlPlane {
+    PLANE.get_or_init(|| {
+        std::thread::spawn(|| {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            tokio::runtime::Runtime::new()
+                .expect("tokio runtime")
+                .block_on(ControlPlane::start(Options::default()))
+                .unwrap_or_else(|e| panic!("starting the local control plane: {e}"))
+        })
+        .join()
+        .expect("control plane start-up thread")
+    })
+}
+
+/// An admin client for the shared control plane, bound to the calling test's runtime.
+pub async fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    plane().client().await.expect("admin client")
+}
+
+/// A namespace that exists for one test and is deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl TestNamespace {
+    /// Creates `<prefix>-<random>`.
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!("{prefix}-{:08x}", rand_suffix());
+        let api: Api<Namespace> = Api::all(client.clone());
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"keyward.dev/test": "true"}}
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+        Self {
+            name,
+            kubeconfig: plane().kubeconfig().to_owned(),
+        }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // A runtime of its own: Drop may run while the test's runtime unwinds.
+        let name = self.name.clone();
+        let kubeconfig = self.kubeconfig.clone();
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new().unwrap().block_on(async {
+                let text = std::fs::read_to_string(kubeconfig).ok()?;
+                let client = keyward::control_plane::client_from(&text).await.ok()?;
+                let api: Api<Namespace> = Api::all(client);
+                api.delete(&name, &DeleteParams::default()).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+fn rand_suffix() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    );
+    h.finish() as u32
+}
+
+/// Every YAML document in a file, as JSON values (empty documents skipped).
+pub fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    serde_saphyr::from_multiple::<serde_json::Value>(text)
+        .unwrap_or_else(|e| panic!("parsing YAML: {e}"))
+        .into_iter()
+        .filter(|v| !v.is_null())
+        .collect()
+}
