@@ -5,4 +5,9 @@
 
 pub mod control_plane;
 pub mod crds;
+pub mod lifecycle;
+pub mod policy;
+pub mod providers;
+pub mod reconciler;
 pub mod resources;
+pub mod secret;

@@ -24,6 +24,25 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Run the operator: the controllers for AuthKey and ServiceAccountKey.
+    Run {
+        /// Namespace of the operator: where ClusterKeyProvider credential Secrets live.
+        #[arg(
+            long,
+            env = "KEYWARD_OPERATOR_NAMESPACE",
+            default_value = "keyward-system"
+        )]
+        operator_namespace: String,
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "KEYWARD_WATCH_NAMESPACE")]
+        namespace: Option<String>,
+        /// Reconciles running at once, per kind.
+        #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 4)]
+        concurrency: u16,
+        /// Log format: text or json.
+        #[arg(long, env = "KEYWARD_LOG_FORMAT", default_value = "text")]
+        log_format: String,
+    },
     /// Run a local control plane (etcd + kube-apiserver, CRDs installed) in the
     /// foreground until interrupted; `hack/local-cluster up` starts this in the
     /// background.
@@ -37,14 +56,45 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let json = matches!(&cli.command, Command::Run { log_format, .. } if log_format == "json");
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
 
-    match Cli::parse().command {
+    match cli.command {
+        Command::Run {
+            operator_namespace,
+            namespace,
+            concurrency,
+            ..
+        } => {
+            use keyward::{providers::DefaultFactory, reconciler};
+            // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (KUBECONFIG or in-cluster)")?;
+            let settings = reconciler::Settings {
+                operator_namespace,
+                namespace,
+                concurrency,
+            };
+            let ctx = reconciler::Context::new(
+                client,
+                std::sync::Arc::new(DefaultFactory),
+                std::sync::Arc::new(reconciler::NoFaults),
+                settings,
+            );
+            tracing::info!("keyward controllers starting");
+            reconciler::run(ctx, shutdown_signal()).await;
+        }
         Command::Crds { out_dir: None } => print!("{}", keyward::crds::all_yaml()),
         Command::Crds { out_dir: Some(dir) } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -59,6 +109,16 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 async fn local_cluster(dir: PathBuf) -> anyhow::Result<()> {
     use keyward::control_plane::{ControlPlane, Options};
     let plane = ControlPlane::start(Options { dir: Some(dir) }).await?;
@@ -69,11 +129,7 @@ async fn local_cluster(dir: PathBuf) -> anyhow::Result<()> {
     let ready = plane.dir().join("ready");
     std::fs::write(&ready, plane.kubeconfig().display().to_string())?;
     tracing::info!(server = plane.server(), kubeconfig = %plane.kubeconfig().display(), "local control plane ready");
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    shutdown_signal().await;
     let _ = std::fs::remove_file(ready);
     drop(plane);
     Ok(())

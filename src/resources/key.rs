@@ -354,6 +354,15 @@ pub struct KeyStatus {
     /// The issuance in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<IssueAttempt>,
+    /// Digest of the spec fields that shape the key and its Secret; a change rotates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shape: Option<String>,
+    /// The last `keyward.dev/rotate` annotation value acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// The Secret the current key was written to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
     /// When the upstream was last asked whether the current key is still valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_inspected_at: Option<Time>,

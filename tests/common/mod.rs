@@ -8,6 +8,8 @@
 
 #![allow(dead_code)]
 
+pub mod upstream;
+
 use std::sync::OnceLock;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -101,4 +103,59 @@ pub fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
         .into_iter()
         .filter(|v| !v.is_null())
         .collect()
+}
+
+/// Everything every test in this binary logged through `tracing`, for searching.
+pub fn captured_logs() -> String {
+    String::from_utf8_lossy(&LOGS.get_or_init(install_log_capture).lock().unwrap()).into_owned()
+}
+
+/// Installs the log capture (idempotent); call before starting a controller.
+pub fn capture_logs() {
+    LOGS.get_or_init(install_log_capture);
+}
+
+static LOGS: OnceLock<&'static std::sync::Mutex<Vec<u8>>> = OnceLock::new();
+
+fn install_log_capture() -> &'static std::sync::Mutex<Vec<u8>> {
+    let buffer: &'static std::sync::Mutex<Vec<u8>> =
+        Box::leak(Box::new(std::sync::Mutex::new(Vec::new())));
+    let writer = move || CaptureWriter(buffer);
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("debug,hyper=info,h2=info,rustls=info,tower=info")
+        .with_writer(writer)
+        .with_ansi(false)
+        .try_init();
+    buffer
+}
+
+struct CaptureWriter(&'static std::sync::Mutex<Vec<u8>>);
+
+impl std::io::Write for CaptureWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Polls `check` every 100ms until it returns `Some`, or panics after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

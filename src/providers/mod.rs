@@ -1,0 +1,216 @@
+//! The key APIs keyward issues keys through: one trait, one module per provider.
+//!
+//! A provider is built per reconcile from the provider resource and the credentials
+//! read from its Secret at that moment, so a changed credential Secret takes effect
+//! on the next reconcile without any cache to invalidate.
+
+mod builtin;
+
+use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+
+pub use builtin::Builtin;
+
+use crate::resources::{ClusterKeyProviderSpec, KeyProviderSpec, Tag};
+
+/// A key value. It can be written into a Secret and nowhere else: no `Display`, no
+/// `Serialize`, and `Debug` prints a placeholder, so it cannot reach a log line,
+/// an event, a status field or an error message by accident.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(String);
+
+impl SecretValue {
+    pub fn new(value: String) -> Self {
+        Self(value)
+    }
+
+    /// The value, for rendering into Secret data only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretValue(<redacted>)")
+    }
+}
+
+/// What a key should be able to do, from the key resource's spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyShape {
+    pub reusable: bool,
+    pub ephemeral: bool,
+    pub preauthorized: bool,
+    pub tags: Vec<Tag>,
+    /// `ServiceAccountKey`: the upstream principal, whether keyward creates it, role, scopes.
+    pub service_account: Option<String>,
+    pub create_service_account: bool,
+    pub role: Option<String>,
+    pub scopes: Vec<String>,
+}
+
+/// One issuance.
+#[derive(Clone, Debug)]
+pub struct IssueRequest {
+    /// Identifies the attempt upstream (description / name); how orphans are found.
+    pub marker: String,
+    /// The user's description, without the marker.
+    pub description: Option<String>,
+    /// Requested lifetime; `None` means the provider's default.
+    pub lifetime: Option<Duration>,
+    pub shape: KeyShape,
+}
+
+/// A key as the provider returned it.
+#[derive(Clone, Debug)]
+pub struct IssuedKey {
+    pub id: String,
+    pub value: SecretValue,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+}
+
+/// What the upstream says about a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Valid,
+    Expired,
+    Revoked,
+    UsedUp,
+    /// The provider cannot tell (builtin keys have no upstream).
+    Unknown,
+}
+
+/// What a provider supports.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    /// The longest lifetime the upstream grants.
+    pub max_lifetime: Option<Duration>,
+    /// The shortest lifetime the upstream grants.
+    pub min_lifetime: Option<Duration>,
+    /// Lifetime used when the key does not ask for one (`None`: keys do not expire).
+    pub default_lifetime: Option<Duration>,
+    /// The upstream can rotate a key itself (Prefect `rotate_api_key`).
+    pub native_rotate: bool,
+    /// Old keys keep working after a new one is issued, so overlap is possible.
+    pub overlap: bool,
+    /// Keys can be listed and matched by marker (orphan recovery).
+    pub listing: bool,
+    /// Keys can be inspected for validity.
+    pub inspect: bool,
+}
+
+/// Why a provider call failed. Messages never contain key values.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ProviderError {
+    /// The request is not something this provider can issue; retrying will not help.
+    #[error("{0}")]
+    Refused(String),
+    /// The upstream failed or could not be reached; retry with backoff.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The provider resource or its credentials are misconfigured.
+    #[error("{0}")]
+    Misconfigured(String),
+}
+
+/// One key API.
+#[async_trait]
+pub trait KeyApi: Send + Sync {
+    fn capabilities(&self) -> Capabilities;
+    /// Creates a key carrying `request.marker` upstream.
+    async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError>;
+    /// Revokes a key; a key that is already gone is success.
+    async fn revoke(&self, key_id: &str) -> Result<(), ProviderError>;
+    /// Asks whether a key still works.
+    async fn inspect(&self, key_id: &str) -> Result<KeyState, ProviderError>;
+    /// Ids of upstream keys carrying `marker` (empty when listing is unsupported).
+    async fn find_by_marker(&self, marker: &str) -> Result<Vec<String>, ProviderError>;
+}
+
+/// The provider settings a key resolved to, whichever kind holds them.
+#[derive(Clone, Debug)]
+pub struct ResolvedProvider {
+    /// `KeyProvider/<ns>/<name>` or `ClusterKeyProvider/<name>`, for messages.
+    pub display: String,
+    pub spec: KeyProviderSpec,
+    /// Data of the credential Secret, when the provider type has one.
+    pub credentials: BTreeMap<String, Vec<u8>>,
+}
+
+/// The cluster-scoped spec has the same fields; convert through JSON so the two stay
+/// one definition as far as the engine is concerned.
+pub fn cluster_spec(spec: &ClusterKeyProviderSpec) -> KeyProviderSpec {
+    serde_json::from_value(serde_json::to_value(spec).expect("serializable"))
+        .expect("identical fields")
+}
+
+/// Builds key APIs from resolved providers. The operator uses [`DefaultFactory`];
+/// tests substitute a double of an upstream key API (the Kubernetes side stays real).
+#[async_trait]
+pub trait ProviderFactory: Send + Sync {
+    async fn build(&self, provider: &ResolvedProvider) -> Result<Arc<dyn KeyApi>, ProviderError>;
+}
+
+/// The providers keyward ships.
+pub struct DefaultFactory;
+
+#[async_trait]
+impl ProviderFactory for DefaultFactory {
+    async fn build(&self, provider: &ResolvedProvider) -> Result<Arc<dyn KeyApi>, ProviderError> {
+        let spec = &provider.spec;
+        if let Some(builtin) = &spec.builtin {
+            return Ok(Arc::new(Builtin::new(builtin)));
+        }
+        let kind = provider_type(spec);
+        Err(ProviderError::Misconfigured(format!(
+            "{}: provider type {kind} is not implemented in this keyward version; use builtin",
+            provider.display
+        )))
+    }
+}
+
+/// The provider type's name, as in the spec.
+pub fn provider_type(spec: &KeyProviderSpec) -> &'static str {
+    if spec.builtin.is_some() {
+        "builtin"
+    } else if spec.tailscale.is_some() {
+        "tailscale"
+    } else if spec.prefect.is_some() {
+        "prefect"
+    } else if spec.http.is_some() {
+        "http"
+    } else {
+        "none"
+    }
+}
+
+/// The credential Secret a provider reads, if any: `(name, required data keys)`.
+pub fn credential_secret(spec: &KeyProviderSpec) -> Option<(String, Vec<String>)> {
+    if let Some(t) = &spec.tailscale {
+        return match (&t.api_key_secret_ref, &t.oauth) {
+            (Some(r), _) => Some((r.name.clone(), vec![r.key.clone()])),
+            (None, Some(o)) => Some((
+                o.client_secret_ref.name.clone(),
+                vec![o.client_secret_ref.key.clone()],
+            )),
+            _ => None,
+        };
+    }
+    if let Some(p) = &spec.prefect {
+        return Some((
+            p.api_key_secret_ref.name.clone(),
+            vec![p.api_key_secret_ref.key.clone()],
+        ));
+    }
+    if let Some(h) = &spec.http {
+        return h
+            .credentials_secret_ref
+            .as_ref()
+            .map(|r| (r.name.clone(), Vec::new()));
+    }
+    None
+}

@@ -1,0 +1,265 @@
+//! Rendering the Secret a key lives in, and the digest that notices edits to it.
+//!
+//! Templates use `{{ name }}` placeholders. The variables: `key` (the value), `keyId`,
+//! `createdAt`, `expiresAt` (RFC 3339, empty when the key does not expire), `revision`,
+//! `name` and `namespace` (of the key resource). An unknown variable or an unclosed
+//! `{{` is an error found before anything is issued.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use sha2::{Digest, Sha256};
+
+use crate::{providers::SecretValue, resources::SecretSpec};
+
+/// Annotations keyward puts on the Secret: how a crash between the Secret write and
+/// the status write is recovered (the Secret says which attempt and key it holds).
+pub const KEY_ID_ANNOTATION: &str = "keyward.dev/key-id";
+pub const ATTEMPT_ANNOTATION: &str = "keyward.dev/attempt";
+pub const REVISION_ANNOTATION: &str = "keyward.dev/revision";
+pub const CREATED_AT_ANNOTATION: &str = "keyward.dev/created-at";
+pub const EXPIRES_AT_ANNOTATION: &str = "keyward.dev/expires-at";
+/// Label on every Secret keyward writes, so the operator watches only those.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "keyward";
+
+/// Everything a template may refer to.
+pub struct Variables<'a> {
+    pub key: &'a SecretValue,
+    pub key_id: &'a str,
+    pub created_at: String,
+    pub expires_at: String,
+    pub revision: i64,
+    pub name: &'a str,
+    pub namespace: &'a str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error(
+        "secret.template.{field}: unknown variable {{{{ {variable} }}}}; known: key, keyId, createdAt, expiresAt, revision, name, namespace"
+    )]
+    UnknownVariable { field: String, variable: String },
+    #[error("secret.template.{field}: `{{{{` without a closing `}}}}`")]
+    Unclosed { field: String },
+}
+
+fn render(field: &str, template: &str, vars: &Variables) -> Result<String, TemplateError> {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find("}}").ok_or_else(|| TemplateError::Unclosed {
+            field: field.to_owned(),
+        })?;
+        let variable = after[..end].trim();
+        match variable {
+            "key" => out.push_str(vars.key.expose()),
+            "keyId" => out.push_str(vars.key_id),
+            "createdAt" => out.push_str(&vars.created_at),
+            "expiresAt" => out.push_str(&vars.expires_at),
+            "revision" => out.push_str(&vars.revision.to_string()),
+            "name" => out.push_str(vars.name),
+            "namespace" => out.push_str(vars.namespace),
+            other => {
+                return Err(TemplateError::UnknownVariable {
+                    field: field.to_owned(),
+                    variable: other.to_owned(),
+                });
+            }
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// The Secret content for one key: data, labels, annotations.
+pub struct Rendered {
+    pub data: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Renders the data (the value under `secret.key`, plus template entries) and
+/// the template's labels and annotations.
+pub fn render_all(spec: &SecretSpec, vars: &Variables) -> Result<Rendered, TemplateError> {
+    let template = spec.template.clone().unwrap_or_default();
+    let mut data = BTreeMap::from([(spec.key.clone(), vars.key.expose().to_owned())]);
+    for (k, v) in &template.data {
+        data.insert(k.clone(), render(&format!("data.{k}"), v, vars)?);
+    }
+    let mut labels = BTreeMap::new();
+    for (k, v) in &template.labels {
+        labels.insert(k.clone(), render(&format!("labels.{k}"), v, vars)?);
+    }
+    let mut annotations = BTreeMap::new();
+    for (k, v) in &template.annotations {
+        annotations.insert(k.clone(), render(&format!("annotations.{k}"), v, vars)?);
+    }
+    Ok(Rendered {
+        data,
+        labels,
+        annotations,
+    })
+}
+
+/// Checks a template without a key: what would fail after issuing fails before it.
+pub fn check_template(spec: &SecretSpec) -> Result<(), TemplateError> {
+    let placeholder = SecretValue::new(String::new());
+    let vars = Variables {
+        key: &placeholder,
+        key_id: "",
+        created_at: String::new(),
+        expires_at: String::new(),
+        revision: 0,
+        name: "",
+        namespace: "",
+    };
+    render_all(spec, &vars).map(|_| ())
+}
+
+/// `sha256:` digest of Secret data, independent of map order.
+pub fn data_hash<'a>(data: impl IntoIterator<Item = (&'a String, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    let mut entries: Vec<_> = data.into_iter().collect();
+    entries.sort();
+    for (k, v) in entries {
+        hasher.update((k.len() as u64).to_be_bytes());
+        hasher.update(k.as_bytes());
+        hasher.update((v.len() as u64).to_be_bytes());
+        hasher.update(v);
+    }
+    let digest = hasher.finalize();
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
+}
+
+/// The digest of a Secret as it is in the cluster.
+pub fn secret_hash(secret: &Secret) -> String {
+    let empty = BTreeMap::new();
+    let data = secret.data.as_ref().unwrap_or(&empty);
+    data_hash(data.iter().map(|(k, v)| (k, v.0.as_slice())))
+}
+
+/// The whole Secret object keyward applies (one server-side apply: a workload sees
+/// either the old content or the new, never a mix).
+pub fn build(
+    name: &str,
+    namespace: &str,
+    owner: OwnerReference,
+    rendered: Rendered,
+    keyward_annotations: BTreeMap<String, String>,
+) -> Secret {
+    let mut labels = rendered.labels;
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    let mut annotations = rendered.annotations;
+    annotations.extend(keyward_annotations);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![owner]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".to_owned()),
+        data: Some(
+            rendered
+                .data
+                .into_iter()
+                .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::SecretTemplate;
+
+    fn vars(value: &SecretValue) -> Variables<'_> {
+        Variables {
+            key: value,
+            key_id: "k-1",
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: String::new(),
+            revision: 3,
+            name: "agent",
+            namespace: "team",
+        }
+    }
+
+    #[test]
+    fn renders_the_value_and_template_entries() {
+        let spec = SecretSpec {
+            name: None,
+            key: "PREFECT_API_KEY".into(),
+            template: Some(SecretTemplate {
+                data: BTreeMap::from([(
+                    "config.toml".into(),
+                    "[cloud.agent]\nauth_token = \"{{ key }}\"\n".into(),
+                )]),
+                labels: BTreeMap::from([("rev".into(), "{{revision}}".into())]),
+                ..Default::default()
+            }),
+        };
+        let value = SecretValue::new("pnu_abc".into());
+        let r = render_all(&spec, &vars(&value)).unwrap();
+        assert_eq!(r.data["PREFECT_API_KEY"], "pnu_abc");
+        assert_eq!(
+            r.data["config.toml"],
+            "[cloud.agent]\nauth_token = \"pnu_abc\"\n"
+        );
+        assert_eq!(r.labels["rev"], "3");
+    }
+
+    #[test]
+    fn template_errors_name_the_field_and_never_the_value() {
+        let mut spec = SecretSpec {
+            template: Some(SecretTemplate {
+                data: BTreeMap::from([("x".into(), "{{ token }}".into())]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let err = check_template(&spec).unwrap_err();
+        assert_eq!(
+            err,
+            TemplateError::UnknownVariable {
+                field: "data.x".into(),
+                variable: "token".into()
+            }
+        );
+        assert!(err.to_string().contains("{{ token }}"), "{err}");
+        spec.template.as_mut().unwrap().data = BTreeMap::from([("x".into(), "{{ key ".into())]);
+        assert!(matches!(
+            check_template(&spec),
+            Err(TemplateError::Unclosed { .. })
+        ));
+    }
+
+    #[test]
+    fn the_hash_sees_every_byte_and_ignores_order() {
+        let a = ("a".to_owned(), b"1".to_vec());
+        let b = ("b".to_owned(), b"2".to_vec());
+        let h1 = data_hash([(&a.0, &a.1[..]), (&b.0, &b.1[..])]);
+        let h2 = data_hash([(&b.0, &b.1[..]), (&a.0, &a.1[..])]);
+        assert_eq!(h1, h2);
+        let c = ("b".to_owned(), b"3".to_vec());
+        assert_ne!(h1, data_hash([(&a.0, &a.1[..]), (&c.0, &c.1[..])]));
+    }
+}

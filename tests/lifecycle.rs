@@ -1,0 +1,716 @@
+//! The key lifecycle against the real control plane: issue, Secret, status, rotation,
+//! repair, delete, crash recovery, idle restarts, bad references and policy.
+//! Upstream is an in-test double of a key API (tests/common/upstream.rs).
+
+mod common;
+
+use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use k8s_openapi::api::core::v1::{Event, Secret};
+use keyward::{
+    reconciler::{self, Context, CrashPoint, Settings},
+    resources::{AuthKey, KeyStatus, ServiceAccountKey},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde_json::json;
+
+use common::{
+    TestNamespace, eventually,
+    upstream::{CrashOnce, Factory, Upstream},
+};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Harness {
+    client: Client,
+    ns: TestNamespace,
+    upstream: Arc<Upstream>,
+    faults: Arc<CrashOnce>,
+    ctx: Arc<Context>,
+    controller: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    /// A namespace with a `KeyProvider` named `keys`, and a controller watching it.
+    async fn new(prefix: &str) -> Self {
+        common::capture_logs();
+        let client = common::client().await;
+        let ns = TestNamespace::new(&client, prefix).await;
+        apply(
+            &client,
+            &ns.name,
+            json!({
+                "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
+                "metadata": {"name": "keys"}, "spec": {"builtin": {}}
+            }),
+        )
+        .await;
+        let upstream = Upstream::new();
+        let faults = Arc::new(CrashOnce::default());
+        let ctx = Self::context(&client, &ns.name, &upstream, &faults);
+        let mut h = Self {
+            client,
+            ns,
+            upstream,
+            faults,
+            ctx,
+            controller: None,
+        };
+        h.start();
+        h
+    }
+
+    fn context(
+        client: &Client,
+        ns: &str,
+        upstream: &Arc<Upstream>,
+        faults: &Arc<CrashOnce>,
+    ) -> Arc<Context> {
+        Context::new(
+            client.clone(),
+            Arc::new(Factory(upstream.clone())),
+            faults.clone(),
+            Settings {
+                operator_namespace: ns.to_owned(),
+                namespace: Some(ns.to_owned()),
+                concurrency: 4,
+            },
+        )
+    }
+
+    /// Starts a fresh controller (a new process, as far as state goes).
+    fn start(&mut self) {
+        self.ctx = Self::context(&self.client, &self.ns.name, &self.upstream, &self.faults);
+        let ctx = self.ctx.clone();
+        self.controller = Some(tokio::spawn(reconciler::run(
+            ctx,
+            futures::future::pending(),
+        )));
+    }
+
+    /// Stops the controller abruptly, like a crash.
+    async fn kill(&mut self) {
+        if let Some(handle) = self.controller.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+    }
+
+    fn keys(&self) -> Api<AuthKey> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    async fn create(&self, name: &str, spec: serde_json::Value) {
+        apply(
+            &self.client,
+            &self.ns.name,
+            json!({
+                "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
+                "metadata": {"name": name}, "spec": spec
+            }),
+        )
+        .await;
+    }
+
+    /// Waits until the key's status satisfies `check`.
+    async fn status_where(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&KeyStatus) -> bool,
+    ) -> KeyStatus {
+        let api = self.keys();
+        eventually(what, WAIT, || {
+            let api = api.clone();
+            let check = &check;
+            async move {
+                let key = api.get_opt(name).await.ok()??;
+                key.status.filter(|s| check(s))
+            }
+        })
+        .await
+    }
+
+    async fn ready(&self, name: &str) -> KeyStatus {
+        self.status_where(name, "Ready=True", |s| {
+            condition(s, "Ready").is_some_and(|c| c.0 == "True") && s.attempt.is_none()
+        })
+        .await
+    }
+
+    async fn secret_value(&self, name: &str, data_key: &str) -> String {
+        let secret = self.secrets().get(name).await.unwrap();
+        String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(handle) = self.controller.take() {
+            handle.abort();
+        }
+    }
+}
+
+async fn apply(client: &Client, ns: &str, object: serde_json::Value) {
+    let kind = object["kind"].as_str().unwrap().to_owned();
+    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
+    let params = PatchParams::apply("test").force();
+    let result = match kind.as_str() {
+        "AuthKey" => Api::<AuthKey>::namespaced(client.clone(), ns)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(|_| ()),
+        "ServiceAccountKey" => Api::<ServiceAccountKey>::namespaced(client.clone(), ns)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(|_| ()),
+        "KeyProvider" => Api::<keyward::resources::KeyProvider>::namespaced(client.clone(), ns)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(|_| ()),
+        "ClusterKeyProvider" => Api::<keyward::resources::ClusterKeyProvider>::all(client.clone())
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(|_| ()),
+        "Secret" => Api::<Secret>::namespaced(client.clone(), ns)
+            .patch(&name, &params, &Patch::Apply(&object))
+            .await
+            .map(|_| ()),
+        other => panic!("unexpected kind {other}"),
+    };
+    result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+}
+
+/// (status, reason, message) of a condition.
+fn condition(status: &KeyStatus, type_: &str) -> Option<(String, String, String)> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+fn spec(extra: serde_json::Value) -> serde_json::Value {
+    let mut spec =
+        json!({"providerRef": {"name": "keys"}, "expiry": "720h", "secret": {"key": "TOKEN"}});
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    spec
+}
+
+async fn events_text(client: &Client, ns: &str) -> String {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let list = events.list(&ListParams::default()).await.unwrap();
+    serde_json::to_string(&list.items).unwrap()
+}
+
+#[tokio::test]
+async fn apply_issues_a_key_into_the_secret_and_never_shows_the_value() {
+    let h = Harness::new("issue").await;
+    h.create("edge", spec(json!({"tags": ["tag:edge"], "secret": {"key": "TOKEN", "template": {"data": {"env": "KEY={{ key }}"}}}}))).await;
+    let status = h.ready("edge").await;
+
+    let key_id = status.key_id.clone().unwrap();
+    let value = h.secret_value("edge", "TOKEN").await;
+    assert_eq!(
+        h.upstream.key(&key_id).unwrap().value,
+        value,
+        "the Secret holds the issued key"
+    );
+    assert_eq!(h.secret_value("edge", "env").await, format!("KEY={value}"));
+    assert_eq!(status.revision, Some(1));
+    assert!(
+        status.created_at.is_some() && status.expires_at.is_some() && status.renewal_time.is_some()
+    );
+    assert!(
+        status
+            .secret_hash
+            .as_deref()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let key = h.keys().get("edge").await.unwrap();
+    assert_eq!(status.observed_generation, key.metadata.generation);
+    assert!(key.finalizers().contains(&reconciler::FINALIZER.to_owned()));
+    let secret = h.secrets().get("edge").await.unwrap();
+    let owner = &secret.owner_references()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("AuthKey", Some(true))
+    );
+
+    // The value is nowhere but the Secret.
+    let events = eventually("the Issued event", WAIT, || async {
+        let text = events_text(&h.client, &h.ns.name).await;
+        text.contains("Issued").then_some(text)
+    })
+    .await;
+    assert!(
+        !serde_json::to_string(&key).unwrap().contains(&value),
+        "value in the key resource"
+    );
+    assert!(!events.contains(&value), "value in an event");
+    assert!(
+        !common::captured_logs().contains(&value),
+        "value in the logs"
+    );
+    assert!(
+        common::captured_logs().contains(&key_id),
+        "the logs do name the key id"
+    );
+}
+
+#[tokio::test]
+async fn a_short_lived_key_rotates_before_expiry_and_the_old_one_outlives_the_overlap() {
+    let h = Harness::new("renew").await;
+    h.create(
+        "short",
+        spec(json!({"expiry": "2m", "rotation": {"renewBefore": "105s", "overlap": "5s"}})),
+    )
+    .await;
+    let first = h.ready("short").await;
+    let old_id = first.key_id.clone().unwrap();
+    let old_value = h.secret_value("short", "TOKEN").await;
+
+    let second = h
+        .status_where("short", "revision 2", |s| {
+            s.revision == Some(2) && s.attempt.is_none()
+        })
+        .await;
+    let rotated_at = jiff::Timestamp::now();
+    assert!(
+        rotated_at < first.expires_at.clone().unwrap().0,
+        "renewed before expiry"
+    );
+    assert_ne!(
+        h.secret_value("short", "TOKEN").await,
+        old_value,
+        "new value in the Secret"
+    );
+    assert_eq!(second.retiring.len(), 1);
+    assert_eq!(second.retiring[0].key_id, old_id);
+    assert!(
+        !h.upstream.key(&old_id).unwrap().revoked,
+        "old key still valid during the overlap"
+    );
+
+    eventually("the old key to be revoked", WAIT, || async {
+        h.upstream.key(&old_id).unwrap().revoked.then_some(())
+    })
+    .await;
+    let waited = jiff::Timestamp::now().duration_since(rotated_at);
+    assert!(
+        waited.as_secs_f64() >= 4.0,
+        "revoked only after the overlap ({waited:?})"
+    );
+    h.status_where("short", "retiring emptied", |s| s.retiring.is_empty())
+        .await;
+}
+
+#[tokio::test]
+async fn the_rotate_annotation_and_shaping_spec_changes_rotate() {
+    let h = Harness::new("force").await;
+    h.create("k", spec(json!({"tags": ["tag:a"]}))).await;
+    let first = h.ready("k").await;
+
+    h.keys()
+        .patch(
+            "k",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"keyward.dev/rotate": "2026-11-23"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let second = h
+        .status_where("k", "forced rotation", |s| {
+            s.revision == Some(2) && s.attempt.is_none()
+        })
+        .await;
+    assert_eq!(second.retiring[0].reason, "ForcedRotation");
+    assert_ne!(second.key_id, first.key_id);
+
+    h.create("k", spec(json!({"tags": ["tag:b"]}))).await;
+    let third = h
+        .status_where("k", "spec-change rotation", |s| {
+            s.revision == Some(3) && s.attempt.is_none()
+        })
+        .await;
+    assert!(third.retiring.iter().any(|r| r.reason == "SpecChanged"));
+
+    // Rotation timing is not shape: changing it re-plans renewal without a new key.
+    h.create(
+        "k",
+        spec(json!({"tags": ["tag:b"], "rotation": {"renewBeforePercentage": 90}})),
+    )
+    .await;
+    let fourth = h
+        .status_where("k", "new renewal time", |s| {
+            s.renewal_time != third.renewal_time
+        })
+        .await;
+    assert_eq!(fourth.revision, Some(3));
+}
+
+#[tokio::test]
+async fn a_deleted_or_edited_secret_gets_a_new_key_and_the_old_one_is_revoked() {
+    let h = Harness::new("repair").await;
+    h.create("k", spec(json!({}))).await;
+    let first = h.ready("k").await;
+
+    h.secrets()
+        .delete("k", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = h
+        .status_where("k", "reissue after delete", |s| {
+            s.revision == Some(2) && s.attempt.is_none()
+        })
+        .await;
+    assert!(h.secrets().get_opt("k").await.unwrap().is_some());
+    let old = first.key_id.unwrap();
+    eventually(
+        "revocation of the key nobody can vouch for",
+        WAIT,
+        || async { h.upstream.key(&old).unwrap().revoked.then_some(()) },
+    )
+    .await;
+
+    h.secrets()
+        .patch(
+            "k",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"stringData": {"TOKEN": "hand-edited"}})),
+        )
+        .await
+        .unwrap();
+    let third = h
+        .status_where("k", "reissue after edit", |s| {
+            s.revision == Some(3) && s.attempt.is_none()
+        })
+        .await;
+    assert_ne!(h.secret_value("k", "TOKEN").await, "hand-edited");
+    let old = second.key_id.unwrap();
+    eventually("revocation of the edited-away key", WAIT, || async {
+        h.upstream.key(&old).unwrap().revoked.then_some(())
+    })
+    .await;
+    assert_eq!(
+        third
+            .retiring
+            .iter()
+            .filter(|r| r.reason == "SecretMismatch")
+            .count(),
+        0,
+        "revoked at once, not after an overlap"
+    );
+}
+
+#[tokio::test]
+async fn delete_revokes_everything_unless_retained_and_waits_out_upstream_failures() {
+    let h = Harness::new("delete").await;
+    h.create("gone", spec(json!({}))).await;
+    h.create("kept", spec(json!({"deletionPolicy": "Retain"})))
+        .await;
+    h.create("stuck", spec(json!({}))).await;
+    let gone = h.ready("gone").await.key_id.unwrap();
+    let kept = h.ready("kept").await.key_id.unwrap();
+    let stuck = h.ready("stuck").await.key_id.unwrap();
+
+    for name in ["gone", "kept"] {
+        h.keys()
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    for name in ["gone", "kept"] {
+        eventually("the resource to go", WAIT, || async {
+            h.keys()
+                .get_opt(name)
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        })
+        .await;
+        assert!(
+            h.secrets().get_opt(name).await.unwrap().is_none(),
+            "Secret {name} removed"
+        );
+    }
+    assert!(h.upstream.key(&gone).unwrap().revoked);
+    assert!(
+        !h.upstream.key(&kept).unwrap().revoked,
+        "Retain leaves the upstream key alone"
+    );
+
+    h.upstream.refuse_revoke.store(true, Ordering::SeqCst);
+    h.keys()
+        .delete("stuck", &DeleteParams::default())
+        .await
+        .unwrap();
+    let status = h
+        .status_where("stuck", "a condition saying why", |s| {
+            condition(s, "Degraded").is_some_and(|c| c.0 == "True" && c.1 == "RevokeFailed")
+        })
+        .await;
+    assert!(condition(&status, "Degraded").unwrap().2.contains("503"));
+    assert!(
+        h.keys()
+            .get("stuck")
+            .await
+            .unwrap()
+            .finalizers()
+            .contains(&reconciler::FINALIZER.to_owned())
+    );
+    h.upstream.refuse_revoke.store(false, Ordering::SeqCst);
+    eventually(
+        "deletion to finish once upstream recovers",
+        WAIT,
+        || async {
+            h.keys()
+                .get_opt("stuck")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(h.upstream.key(&stuck).unwrap().revoked);
+}
+
+#[tokio::test]
+async fn a_crash_at_any_point_leaves_no_live_key_unaccounted_for() {
+    for point in [
+        CrashPoint::BeforeUpstream,
+        CrashPoint::AfterUpstream,
+        CrashPoint::AfterSecretWrite,
+        CrashPoint::AfterStatusWrite,
+    ] {
+        let mut h = Harness::new("crash").await;
+        h.kill().await;
+        *h.faults.point.lock().unwrap() = Some(point);
+        h.start();
+        h.create("k", spec(json!({}))).await;
+        eventually("the crash", WAIT, || async {
+            h.faults.crashed.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        h.kill().await;
+        h.start();
+        let status = h.ready("k").await;
+
+        let current = status.key_id.unwrap();
+        let value = h.secret_value("k", "TOKEN").await;
+        let live = h.upstream.live();
+        let live_ids: Vec<&String> = live.iter().map(|(id, _)| id).collect();
+        assert_eq!(
+            live_ids,
+            vec![&current],
+            "{point:?}: only the key in the Secret is live"
+        );
+        assert_eq!(
+            live[0].1.value, value,
+            "{point:?}: the Secret holds the live key"
+        );
+        assert!(
+            h.upstream.issued() <= 2,
+            "{point:?}: at most one extra key, and it was revoked"
+        );
+    }
+}
+
+#[tokio::test]
+async fn restarting_with_200_ready_keys_calls_nothing_and_writes_nothing() {
+    let mut h = Harness::new("idle").await;
+    const KEYS: usize = 200;
+    for i in 0..KEYS {
+        h.create(&format!("k{i}"), spec(json!({}))).await;
+    }
+    let api = h.keys();
+    eventually("200 Ready keys", Duration::from_secs(300), || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        let ready = list.items.iter().filter(|k| {
+            k.status.as_ref().is_some_and(|s| {
+                s.attempt.is_none() && condition(s, "Ready").is_some_and(|c| c.0 == "True")
+            })
+        });
+        (ready.count() == KEYS).then_some(())
+    })
+    .await;
+    h.kill().await;
+
+    let versions =
+        |keys: Vec<AuthKey>, secrets: Vec<Secret>| -> Vec<String> {
+            let mut v: Vec<String> =
+                keys.iter()
+                    .map(|k| format!("{}={}", k.name_any(), k.resource_version().unwrap()))
+                    .chain(secrets.iter().map(|s| {
+                        format!("secret/{}={}", s.name_any(), s.resource_version().unwrap())
+                    }))
+                    .collect();
+            v.sort();
+            v
+        };
+    let before = versions(
+        api.list(&ListParams::default()).await.unwrap().items,
+        h.secrets()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
+    let events_before = events_text(&h.client, &h.ns.name).await.len();
+    h.upstream.calls.store(0, Ordering::SeqCst);
+
+    h.start();
+    let ctx = h.ctx.clone();
+    eventually(
+        "the restarted controller to reconcile every key",
+        Duration::from_secs(120),
+        || async { (ctx.reconciles.load(Ordering::SeqCst) >= KEYS as u64).then_some(()) },
+    )
+    .await;
+    let after = versions(
+        api.list(&ListParams::default()).await.unwrap().items,
+        h.secrets()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items,
+    );
+    assert_eq!(
+        h.upstream.calls.load(Ordering::SeqCst),
+        0,
+        "no upstream call"
+    );
+    assert_eq!(before, after, "no write to keys or Secrets");
+    assert_eq!(
+        events_text(&h.client, &h.ns.name).await.len(),
+        events_before,
+        "no new events"
+    );
+}
+
+#[tokio::test]
+async fn bad_references_say_what_to_create_or_fix() {
+    let h = Harness::new("refs").await;
+    h.create("no-provider", json!({"providerRef": {"name": "missing"}}))
+        .await;
+    h.create(
+        "wrong-kind",
+        json!({"providerRef": {"kind": "ClusterKeyProvider", "name": "keys"}}),
+    )
+    .await;
+    apply(
+        &h.client,
+        &h.ns.name,
+        json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider", "metadata": {"name": "ts"},
+            "spec": {"tailscale": {"apiKeySecretRef": {"name": "ts-credentials", "key": "api-key"}}}
+        }),
+    )
+    .await;
+    h.create("no-credentials", json!({"providerRef": {"name": "ts"}}))
+        .await;
+
+    let not_ready = |name: &'static str| {
+        h.status_where(name, "Ready=False", |s| {
+            condition(s, "Ready").is_some_and(|c| c.0 == "False")
+        })
+    };
+    let (_, reason, message) = condition(&not_ready("no-provider").await, "Ready").unwrap();
+    assert_eq!(reason, "ProviderNotFound");
+    assert!(
+        message.contains("KeyProvider missing does not exist") && message.contains("create it"),
+        "{message}"
+    );
+    let (_, reason, message) = condition(&not_ready("wrong-kind").await, "Ready").unwrap();
+    assert_eq!(reason, "ProviderNotFound");
+    assert!(
+        message.contains("ClusterKeyProvider keys does not exist"),
+        "{message}"
+    );
+    let (_, reason, message) = condition(&not_ready("no-credentials").await, "Ready").unwrap();
+    assert_eq!(reason, "CredentialsNotFound");
+    assert!(
+        message.contains(&format!("Secret {}/ts-credentials", h.ns.name))
+            && message.contains("create it"),
+        "{message}"
+    );
+    assert_eq!(h.upstream.issued(), 0);
+}
+
+#[tokio::test]
+async fn policy_refuses_before_anything_is_issued() {
+    let h = Harness::new("policy").await;
+    let ckp = format!("policy-{}", h.ns.name);
+    apply(&h.client, &h.ns.name, json!({
+        "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": ckp},
+        "spec": {"builtin": {}, "policy": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": h.ns.name}},
+            "allowedTags": ["tag:edge"], "maxExpiry": "24h"
+        }}
+    }))
+    .await;
+    let other = format!("closed-{}", h.ns.name);
+    apply(&h.client, &h.ns.name, json!({
+        "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": other},
+        "spec": {"builtin": {}}
+    }))
+    .await;
+    let reference = |name: &str| json!({"kind": "ClusterKeyProvider", "name": name});
+    h.create(
+        "ok",
+        json!({"providerRef": reference(&ckp), "tags": ["tag:edge"], "expiry": "12h"}),
+    )
+    .await;
+    h.create(
+        "namespace",
+        json!({"providerRef": reference(&other), "expiry": "12h"}),
+    )
+    .await;
+    h.create(
+        "tag",
+        json!({"providerRef": reference(&ckp), "tags": ["tag:prod"], "expiry": "12h"}),
+    )
+    .await;
+    h.create(
+        "expiry",
+        json!({"providerRef": reference(&ckp), "tags": ["tag:edge"], "expiry": "48h"}),
+    )
+    .await;
+
+    h.ready("ok").await;
+    let issued = h.upstream.issued();
+    for (name, rule) in [
+        ("namespace", "NamespaceNotAllowed"),
+        ("tag", "TagNotAllowed"),
+        ("expiry", "ExpiryNotAllowed"),
+    ] {
+        let status = h
+            .status_where(name, "a policy refusal", |s| {
+                condition(s, "Ready").is_some_and(|c| c.0 == "False")
+            })
+            .await;
+        let (_, reason, message) = condition(&status, "Ready").unwrap();
+        assert_eq!(reason, rule, "{name}: {message}");
+        assert!(status.key_id.is_none());
+    }
+    assert_eq!(
+        h.upstream.issued(),
+        issued,
+        "nothing issued upstream for refused keys"
+    );
+}
