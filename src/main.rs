@@ -1,5 +1,7 @@
 //! The `keyward` command: the operator, and the tools around it.
 
+mod dev;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -42,6 +44,13 @@ enum Command {
         /// Log format: text or json.
         #[arg(long, env = "KEYWARD_LOG_FORMAT", default_value = "text")]
         log_format: String,
+    },
+    /// Try keyward on this machine: a local control plane, the builtin provider, the
+    /// controller and the quickstart keys; runs until Ctrl-C.
+    Dev {
+        /// Exit once the quickstart keys are Ready.
+        #[arg(long)]
+        once: bool,
     },
     /// Run a local control plane (etcd + kube-apiserver, CRDs installed) in the
     /// foreground until interrupted; `hack/local-cluster up` starts this in the
@@ -105,6 +114,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::LocalCluster { dir } => local_cluster(dir).await?,
+        Command::Dev { once } => dev::run(once).await?,
     }
     Ok(())
 }

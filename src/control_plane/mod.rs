@@ -263,7 +263,17 @@ impl ControlPlane {
     }
 
     async fn wait_ready(&mut self) -> Result<(), Error> {
-        let client = self.client().await?;
+        // A plain HTTPS probe (/readyz is public): the Kubernetes client would log
+        // every not-yet-ready answer as an error.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = reqwest::Certificate::from_pem(self.authority.cert_pem().as_bytes())
+            .map_err(|e| Error::Binaries(format!("local CA: {e}")))?;
+        let probe = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| Error::Binaries(format!("readiness probe client: {e}")))?;
+        let url = format!("{}/readyz", self.server);
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             for (component, child, log) in [
@@ -278,15 +288,9 @@ impl ControlPlane {
                     });
                 }
             }
-            // Probe the port first: the client logs every refused connection as an error.
-            let listening =
-                tokio::net::TcpStream::connect(self.server.trim_start_matches("https://"))
-                    .await
-                    .is_ok();
-            let request = http::Request::get("/readyz")
-                .body(Vec::new())
-                .expect("valid request");
-            if listening && client.request_text(request).await.is_ok() {
+            if let Ok(response) = probe.get(&url).send().await
+                && response.status().is_success()
+            {
                 return Ok(());
             }
             if Instant::now() > deadline {

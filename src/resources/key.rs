@@ -141,8 +141,8 @@ pub enum DeletionPolicy {
         type_ = "string",
         json_path = ".spec.providerRef.name"
     ),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Renews", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renews", type_ = "string", json_path = ".status.renewalTime"),
     printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revision"),
     printcolumn(
         name = "Reason",
@@ -239,8 +239,8 @@ fn default_true() -> bool {
         type_ = "string",
         json_path = ".spec.serviceAccount.name"
     ),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.expiresAt"),
-    printcolumn(name = "Renews", type_ = "date", json_path = ".status.renewalTime"),
+    printcolumn(name = "Expires", type_ = "string", json_path = ".status.expiresAt"),
+    printcolumn(name = "Renews", type_ = "string", json_path = ".status.renewalTime"),
     printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revision"),
     printcolumn(
         name = "Reason",
