@@ -191,26 +191,36 @@ pub trait ManagedKey:
     fn key_status(&self) -> Option<&KeyStatus>;
 }
 
+/// The accessors both key kinds answer from identically named spec fields.
+macro_rules! shared_key_fields {
+    () => {
+        fn provider_ref(&self) -> &ProviderRef {
+            &self.spec.provider_ref
+        }
+        fn expiry(&self) -> Option<&KeyDuration> {
+            self.spec.expiry.as_ref()
+        }
+        fn rotation(&self) -> Option<&Rotation> {
+            self.spec.rotation.as_ref()
+        }
+        fn secret_spec(&self) -> &SecretSpec {
+            &self.spec.secret
+        }
+        fn deletion_policy(&self) -> DeletionPolicy {
+            self.spec.deletion_policy
+        }
+        fn description(&self) -> Option<&str> {
+            self.spec.description.as_deref()
+        }
+        fn key_status(&self) -> Option<&KeyStatus> {
+            self.status.as_ref()
+        }
+    };
+}
+
 impl ManagedKey for AuthKey {
     const KIND: &'static str = "AuthKey";
-    fn provider_ref(&self) -> &ProviderRef {
-        &self.spec.provider_ref
-    }
-    fn expiry(&self) -> Option<&KeyDuration> {
-        self.spec.expiry.as_ref()
-    }
-    fn rotation(&self) -> Option<&Rotation> {
-        self.spec.rotation.as_ref()
-    }
-    fn secret_spec(&self) -> &SecretSpec {
-        &self.spec.secret
-    }
-    fn deletion_policy(&self) -> DeletionPolicy {
-        self.spec.deletion_policy
-    }
-    fn description(&self) -> Option<&str> {
-        self.spec.description.as_deref()
-    }
+    shared_key_fields!();
     fn shape(&self) -> KeyShape {
         KeyShape {
             reusable: self.spec.reusable,
@@ -220,31 +230,11 @@ impl ManagedKey for AuthKey {
             ..Default::default()
         }
     }
-    fn key_status(&self) -> Option<&KeyStatus> {
-        self.status.as_ref()
-    }
 }
 
 impl ManagedKey for ServiceAccountKey {
     const KIND: &'static str = "ServiceAccountKey";
-    fn provider_ref(&self) -> &ProviderRef {
-        &self.spec.provider_ref
-    }
-    fn expiry(&self) -> Option<&KeyDuration> {
-        self.spec.expiry.as_ref()
-    }
-    fn rotation(&self) -> Option<&Rotation> {
-        self.spec.rotation.as_ref()
-    }
-    fn secret_spec(&self) -> &SecretSpec {
-        &self.spec.secret
-    }
-    fn deletion_policy(&self) -> DeletionPolicy {
-        self.spec.deletion_policy
-    }
-    fn description(&self) -> Option<&str> {
-        self.spec.description.as_deref()
-    }
+    shared_key_fields!();
     fn shape(&self) -> KeyShape {
         KeyShape {
             service_account: Some(self.spec.service_account.name.clone()),
@@ -253,9 +243,6 @@ impl ManagedKey for ServiceAccountKey {
             scopes: self.spec.scopes.clone(),
             ..Default::default()
         }
-    }
-    fn key_status(&self) -> Option<&KeyStatus> {
-        self.status.as_ref()
     }
 }
 

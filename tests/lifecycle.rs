@@ -713,4 +713,24 @@ async fn policy_refuses_before_anything_is_issued() {
         issued,
         "nothing issued upstream for refused keys"
     );
+
+    // Tightening the policy flags the key it no longer allows (not revoked: that would
+    // cut off a running workload on a policy edit).
+    let ok = h.ready("ok").await.key_id.unwrap();
+    apply(&h.client, &h.ns.name, json!({
+        "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": ckp},
+        "spec": {"builtin": {}, "policy": {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": h.ns.name}},
+            "allowedTags": ["tag:core"], "maxExpiry": "24h"
+        }}
+    }))
+    .await;
+    let status = h
+        .status_where("ok", "the tightened policy to flag the key", |s| {
+            condition(s, "Ready").is_some_and(|c| c.0 == "False" && c.1 == "TagNotAllowed")
+        })
+        .await;
+    assert_eq!(status.key_id.as_deref(), Some(ok.as_str()));
+    assert!(!h.upstream.key(&ok).unwrap().revoked);
+    assert_eq!(h.upstream.issued(), issued);
 }

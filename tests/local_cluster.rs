@@ -60,3 +60,27 @@ fn killing_the_owner_stops_the_servers() {
         || pids.iter().all(|p| !alive(p)),
     );
 }
+
+#[test]
+fn a_second_call_reuses_the_binaries() {
+    let first = keyward::control_plane::binaries().expect("control-plane binaries");
+    let built = std::fs::metadata(first.join("kube-apiserver"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let started = Instant::now();
+    let second = keyward::control_plane::binaries().unwrap();
+    assert_eq!(first, second);
+    let again = std::fs::metadata(second.join("kube-apiserver"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(built, again, "nothing was rebuilt");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a cache hit is immediate"
+    );
+    for bin in ["kube-apiserver", "etcd"] {
+        assert!(second.join(bin).exists(), "{bin} in {}", second.display());
+    }
+}
