@@ -579,10 +579,11 @@ fn complete<K: ManagedKey>(
         && previous != issued.id
     {
         let revoke_at = if trigger.retire_with_overlap() {
-            now.checked_add(
-                jiff::SignedDuration::try_from(lifecycle::overlap(rotation)).unwrap_or_default(),
-            )
-            .unwrap_or(now)
+            let overlap =
+                jiff::SignedDuration::try_from(lifecycle::overlap(rotation)).unwrap_or_default();
+            let at = now.checked_add(overlap).unwrap_or(now);
+            // Status stores whole seconds; round up so the overlap is never cut short.
+            Timestamp::from_second(at.as_second() + 1).unwrap_or(at)
         } else {
             now
         };
