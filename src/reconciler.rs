@@ -1014,7 +1014,11 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     let original = key.key_status().cloned().unwrap_or_default();
     let mut status = original.clone();
 
-    if key.deletion_policy() == DeletionPolicy::Revoke {
+    // A key that never got as far as an upstream call holds nothing to revoke, and
+    // must not need a (perhaps missing) provider to be deleted.
+    let holds_keys =
+        status.key_id.is_some() || !status.retiring.is_empty() || status.attempt.is_some();
+    if holds_keys && key.deletion_policy() == DeletionPolicy::Revoke {
         let result = async {
             let api = match resolve(&ctx, &*key, None).await {
                 Ok((api, _)) => api,

@@ -650,6 +650,21 @@ async fn bad_references_say_what_to_create_or_fix() {
         "{message}"
     );
     assert_eq!(h.upstream.issued(), 0);
+
+    // A key that never issued anything is deleted without its provider.
+    h.keys()
+        .delete("no-provider", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the never-issued key to go", WAIT, || async {
+        h.keys()
+            .get_opt("no-provider")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
