@@ -357,7 +357,7 @@ async fn resolve<K: ManagedKey>(
     ctx: &Context,
     key: &K,
     lifetime: Option<Duration>,
-) -> Result<(Arc<dyn KeyApi>, ResolvedProvider)> {
+) -> Result<Arc<dyn KeyApi>> {
     let namespace = key.namespace().unwrap_or_default();
     let reference = key.provider_ref();
     let (spec, display, cluster, credentials_namespace) = match reference.kind {
@@ -448,7 +448,7 @@ async fn resolve<K: ManagedKey>(
             reason: "ProviderMisconfigured",
             message: e.to_string(),
         })?;
-    Ok((api, resolved))
+    Ok(api)
 }
 
 /// The requested lifetime, or the provider's default, checked against its bounds.
@@ -622,16 +622,16 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
 
     let resolved = async {
         let requested = lifetime(&*key, None)?;
-        let (api, provider) = resolve(&ctx, &*key, requested).await?;
+        let api = resolve(&ctx, &*key, requested).await?;
         let lifetime = lifetime(&*key, Some(api.as_ref()))?;
         secret::check_template(key.secret_spec()).map_err(|e| Error::NotReady {
             reason: "TemplateInvalid",
             message: e.to_string(),
         })?;
-        Ok::<_, Error>((api, provider, lifetime))
+        Ok::<_, Error>((api, lifetime))
     }
     .await;
-    let (api, _provider, lifetime) = match resolved {
+    let (api, lifetime) = match resolved {
         Ok(r) => r,
         Err(Error::NotReady { reason, message }) => {
             set_condition(
@@ -1021,7 +1021,7 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     if holds_keys && key.deletion_policy() == DeletionPolicy::Revoke {
         let result = async {
             let api = match resolve(&ctx, &*key, None).await {
-                Ok((api, _)) => api,
+                Ok(api) => api,
                 Err(Error::NotReady { reason, message }) => {
                     return Err(Error::NotReady {
                         reason,

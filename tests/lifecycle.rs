@@ -138,6 +138,16 @@ impl Harness {
         .await
     }
 
+    /// Waits until the key resource no longer exists (finalizer released).
+    async fn gone(&self, name: &str, what: &str) {
+        let api = self.keys();
+        eventually(what, WAIT, || {
+            let api = api.clone();
+            async move { api.get_opt(name).await.unwrap().is_none().then_some(()) }
+        })
+        .await;
+    }
+
     async fn ready(&self, name: &str) -> KeyStatus {
         self.status_where(name, "Ready=True", |s| {
             condition(s, "Ready").is_some_and(|c| c.0 == "True") && s.attempt.is_none()
@@ -434,15 +444,7 @@ async fn delete_revokes_everything_unless_retained_and_waits_out_upstream_failur
             .unwrap();
     }
     for name in ["gone", "kept"] {
-        eventually("the resource to go", WAIT, || async {
-            h.keys()
-                .get_opt(name)
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        })
-        .await;
+        h.gone(name, "the resource to go").await;
         assert!(
             h.secrets().get_opt(name).await.unwrap().is_none(),
             "Secret {name} removed"
@@ -474,19 +476,8 @@ async fn delete_revokes_everything_unless_retained_and_waits_out_upstream_failur
             .contains(&reconciler::FINALIZER.to_owned())
     );
     h.upstream.refuse_revoke.store(false, Ordering::SeqCst);
-    eventually(
-        "deletion to finish once upstream recovers",
-        WAIT,
-        || async {
-            h.keys()
-                .get_opt("stuck")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
-    )
-    .await;
+    h.gone("stuck", "deletion to finish once upstream recovers")
+        .await;
     assert!(h.upstream.key(&stuck).unwrap().revoked);
 }
 
@@ -656,15 +647,7 @@ async fn bad_references_say_what_to_create_or_fix() {
         .delete("no-provider", &DeleteParams::default())
         .await
         .unwrap();
-    eventually("the never-issued key to go", WAIT, || async {
-        h.keys()
-            .get_opt("no-provider")
-            .await
-            .unwrap()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    h.gone("no-provider", "the never-issued key to go").await;
 }
 
 #[tokio::test]
