@@ -7,6 +7,7 @@ pub mod control_plane;
 pub mod crds;
 pub mod lifecycle;
 pub mod policy;
+pub mod provider_status;
 pub mod providers;
 pub mod reconciler;
 pub mod resources;

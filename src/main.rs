@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let ctx = reconciler::Context::new(
                 client,
-                std::sync::Arc::new(DefaultFactory),
+                std::sync::Arc::new(DefaultFactory::default()),
                 std::sync::Arc::new(reconciler::NoFaults),
                 settings,
             );
