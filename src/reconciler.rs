@@ -358,6 +358,7 @@ async fn resolve<K: ManagedKey>(
     ctx: &Context,
     key: &K,
     lifetime: Option<Duration>,
+    enforce_policy: bool,
 ) -> Result<Arc<dyn KeyApi>> {
     let namespace = key.namespace().unwrap_or_default();
     let reference = key.provider_ref();
@@ -400,20 +401,24 @@ async fn resolve<K: ManagedKey>(
         BTreeMap::new()
     };
     let shape = key.shape();
-    policy::check(
-        spec.policy.as_ref(),
-        &policy::Request {
-            namespace: &namespace,
-            namespace_labels: &labels,
-            shape: &shape,
-            lifetime,
-            cluster_scoped: cluster,
-        },
-    )
-    .map_err(|v| Error::NotReady {
-        reason: v.rule,
-        message: format!("{display}: {}", v.message),
-    })?;
+    // Policy limits what may be minted; revoking on delete only takes access away and
+    // must work for a key the policy does not (or no longer) allow.
+    if enforce_policy {
+        policy::check(
+            spec.policy.as_ref(),
+            &policy::Request {
+                namespace: &namespace,
+                namespace_labels: &labels,
+                shape: &shape,
+                lifetime,
+                cluster_scoped: cluster,
+            },
+        )
+        .map_err(|v| Error::NotReady {
+            reason: v.rule,
+            message: format!("{display}: {}", v.message),
+        })?;
+    }
 
     let id = match reference.kind {
         ProviderKind::KeyProvider => format!("KeyProvider/{namespace}/{}", reference.name),
@@ -642,7 +647,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
 
     let resolved = async {
         let requested = lifetime(&*key, None)?;
-        let api = resolve(&ctx, &*key, requested).await?;
+        let api = resolve(&ctx, &*key, requested, true).await?;
         let lifetime = lifetime(&*key, Some(api.as_ref()))?;
         secret::check_template(key.secret_spec()).map_err(|e| Error::NotReady {
             reason: "TemplateInvalid",
@@ -1138,7 +1143,7 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
         status.key_id.is_some() || !status.retiring.is_empty() || status.attempt.is_some();
     if holds_keys && key.deletion_policy() == DeletionPolicy::Revoke {
         let result = async {
-            let api = match resolve(&ctx, &*key, None).await {
+            let api = match resolve(&ctx, &*key, None, false).await {
                 Ok(api) => api,
                 Err(Error::NotReady { reason, message }) => {
                     return Err(Error::NotReady {

@@ -762,6 +762,15 @@ async fn policy_refuses_before_anything_is_issued() {
     assert_eq!(status.key_id.as_deref(), Some(ok.as_str()));
     assert!(!h.upstream.key(&ok).unwrap().revoked);
     assert_eq!(h.upstream.issued(), issued);
+
+    // Revoking on delete is not a policy question: the flagged key, and a key whose
+    // provider has a maxExpiry, are deleted and revoked.
+    h.keys()
+        .delete("ok", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.gone("ok", "the flagged key to be deleted").await;
+    assert!(h.upstream.key(&ok).unwrap().revoked);
 }
 
 #[tokio::test]
