@@ -6,6 +6,11 @@ use keyward_emulators::{Fault, tailscale::Tailscale};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
+fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::new()
+}
+
 fn keys_url(ts: &Tailscale) -> String {
     format!("{}/api/v2/tailnet/-/keys", ts.base_url())
 }
@@ -48,7 +53,7 @@ async fn oauth_token(client: &Client, ts: &Tailscale, id: &str, secret: &str) ->
 async fn create_returns_the_key_once_and_get_never_does() {
     let ts = Tailscale::start().await;
     let token = ts.add_api_token("alice@example.com");
-    let client = Client::new();
+    let client = client();
     let (status, created) = create(&client, &ts, &token, body(&["tag:edge"], "edge nodes")).await;
     assert_eq!(status, StatusCode::OK, "{created}");
     let id = created["id"].as_str().unwrap();
@@ -108,7 +113,7 @@ async fn create_returns_the_key_once_and_get_never_does() {
 async fn delete_revokes_and_a_second_delete_is_404() {
     let ts = Tailscale::start().await;
     let token = ts.add_api_token("alice@example.com");
-    let client = Client::new();
+    let client = client();
     let (_, created) = create(&client, &ts, &token, body(&[], "")).await;
     let url = format!("{}/{}", keys_url(&ts), created["id"].as_str().unwrap());
     let delete = || client.delete(&url).bearer_auth(&token).send();
@@ -141,7 +146,7 @@ async fn delete_revokes_and_a_second_delete_is_404() {
 async fn strict_parsing_refuses_unknown_and_misspelled_fields() {
     let ts = Tailscale::start().await;
     let token = ts.add_api_token("alice@example.com");
-    let client = Client::new();
+    let client = client();
     for bad in [
         json!({"capabilities": {"devices": {"create": {"reuseable": true}}}}),
         json!({"capabilities": {"devices": {}}, "expiry": 60}),
@@ -180,7 +185,7 @@ async fn strict_parsing_refuses_unknown_and_misspelled_fields() {
 #[tokio::test]
 async fn authentication_is_required() {
     let ts = Tailscale::start().await;
-    let client = Client::new();
+    let client = client();
     let (status, error) = create(&client, &ts, "tskey-api-nope", body(&[], "")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(error["message"].is_string());
@@ -208,7 +213,7 @@ async fn authentication_is_required() {
 async fn oauth_tokens_last_an_hour_and_keys_need_the_clients_tags() {
     let ts = Tailscale::start().await;
     let oauth = ts.add_oauth_client(&["tag:edge", "tag:ci"], &["auth_keys"]);
-    let client = Client::new();
+    let client = client();
     let response = oauth_token(&client, &ts, &oauth.id, &oauth.secret).await;
     assert_eq!(response["token_type"], "Bearer");
     assert_eq!(response["expires_in"], 3600);
@@ -279,7 +284,7 @@ async fn oauth_tokens_last_an_hour_and_keys_need_the_clients_tags() {
 async fn one_off_keys_are_used_up_and_console_revocation_and_expiry_invalidate() {
     let ts = Tailscale::start().await;
     let token = ts.add_api_token("alice@example.com");
-    let client = Client::new();
+    let client = client();
     let mut one_off = body(&[], "");
     one_off["capabilities"]["devices"]["create"]["reusable"] = json!(false);
     let (_, a) = create(&client, &ts, &token, one_off).await;
@@ -326,7 +331,7 @@ async fn one_off_keys_are_used_up_and_console_revocation_and_expiry_invalidate()
 async fn faults_are_served_in_order_and_every_request_is_logged() {
     let ts = Tailscale::start().await;
     let token = ts.add_api_token("alice@example.com");
-    let client = Client::new();
+    let client = client();
     ts.faults().inject(
         Fault::TooManyRequests {
             retry_after: Some(2),
