@@ -304,8 +304,9 @@ fn example(file: &str) -> Vec<Value> {
 
 /// Every example key: issued through the example ClusterKeyProvider (OAuth), each with
 /// the value the emulator issued in its Secret and exactly the capabilities it asks
-/// for; a forced rotation keeps the old key valid for the overlap, then revokes it;
-/// deleting the resources revokes every key. One OAuth access token serves it all.
+/// for; a forced rotation and a scheduled renewal each keep the old key valid for the
+/// overlap, then revoke it; deleting the resources revokes every key. One OAuth access
+/// token serves it all.
 #[tokio::test]
 async fn every_example_key_is_issued_rotated_and_revoked() {
     let mut h = Harness::new("ts-examples", Auth::OAuth).await;
@@ -433,9 +434,52 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
         .await;
     }
 
+    // Scheduled renewal of each example, on a two-minute lifetime renewed 105s before
+    // expiry (the lifetime change itself rotates first: revision 3).
+    for (name, spec) in &names {
+        let mut short = spec.clone();
+        short["expiry"] = json!("2m");
+        short["rotation"] = json!({"renewBefore": "105s", "overlap": "3s"});
+        h.create(name, short).await;
+    }
+    let mut thirds = Vec::new();
+    for (name, _) in &names {
+        thirds.push(h.revision(name, 3).await);
+    }
+    // Watched together: each renewal's old key retires for only the 3s overlap.
+    let renewals = names.iter().zip(&thirds).map(|((name, _), third)| {
+        let old = third.key_id.clone().unwrap();
+        let h = &h;
+        async move {
+            h.status_where(name, "a renewal retiring the revision-3 key", |s| {
+                s.revision == Some(4)
+                    && s.retiring
+                        .iter()
+                        .any(|r| r.reason == "Renewing" && r.key_id == old)
+            })
+            .await;
+            assert!(
+                h.ts.key(&old).unwrap().revoked.is_none(),
+                "{name}: valid during the overlap"
+            );
+            eventually(
+                "the renewed key to be revoked after the overlap",
+                WAIT,
+                || async { h.ts.key(&old).unwrap().revoked.map(|_| ()) },
+            )
+            .await;
+            let old = h.ts.key(&old).unwrap();
+            assert!(
+                old.revoked.unwrap() < old.expires,
+                "{name}: renewed before expiry"
+            );
+        }
+    });
+    futures::future::join_all(renewals).await;
+
     // One access token for every create, get, list and delete so far.
     assert_eq!(h.ts.tokens_issued(), 1, "one OAuth token for all of it");
-    assert!(h.key_requests("") >= 9);
+    assert!(h.key_requests("") >= 21);
 
     // A restarted controller with the same factory keeps using the cached token; a
     // token the upstream no longer accepts (expired early) is replaced once.
@@ -443,7 +487,19 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
     h.start();
     h.ts.expire_access_tokens();
     h.rotate(&names[0].0, "again").await;
-    h.revision(&names[0].0, 3).await;
+    let before = h
+        .keys()
+        .get(&names[0].0)
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .revision
+        .unwrap();
+    h.status_where(&names[0].0, "a forced rotation", |s| {
+        s.revision > Some(before) && s.attempt.is_none()
+    })
+    .await;
     assert_eq!(h.ts.tokens_issued(), 2, "a fresh token after the 401");
 
     for (name, _) in &names {
@@ -459,11 +515,7 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
         assert!(h.secrets().get_opt(secret_name).await.unwrap().is_none());
     }
     // No key value, access token or client secret anywhere but the Secrets.
-    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(h.client.clone(), &h.ns.name)
-        .list(&Default::default())
-        .await
-        .unwrap();
-    let events = serde_json::to_string(&events.items).unwrap();
+    let events = events_text(&h).await;
     assert!(
         events.contains("Revoked") && !events.contains("tskey-"),
         "events hold no secret"
@@ -478,6 +530,14 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
         h.key_requests(""),
         h.ts.tokens_issued()
     );
+}
+
+async fn events_text(h: &Harness) -> String {
+    let events = Api::<k8s_openapi::api::core::v1::Event>::namespaced(h.client.clone(), &h.ns.name)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    serde_json::to_string(&events.items).unwrap()
 }
 
 /// The upstream marker of the key's current attempt, from the description the emulator
