@@ -364,37 +364,55 @@ async fn chart_rbac_lets_the_operator_work_and_nothing_more() {
     let log = work.path().join("operator.log");
     let operator = Operator::start(&run_args, &sa_kubeconfig, &log, &operator_ns.name);
 
-    // Enough: a key is issued (Secret, status, events) and deleted (finalizer released).
+    // Enough: keys are issued (Secret, status, events) and deleted (finalizer released),
+    // from a KeyProvider and from a ClusterKeyProvider whose namespaceSelector needs the
+    // namespace's labels.
     apply(
         &client,
-        &watched.name,
+        Some(&watched.name),
         json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
                "metadata": {"name": "keys"}, "spec": {"builtin": {}}}),
     )
     .await;
     apply(
         &client,
-        &watched.name,
-        json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-               "metadata": {"name": "chart-key"},
-               "spec": {"providerRef": {"name": "keys"}, "expiry": "720h"}}),
+        None,
+        json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider",
+               "metadata": {"name": release}, "spec": {"builtin": {}, "policy": {
+                   "namespaceSelector": {"matchLabels": {"keyward.dev/test": "true"}}}}}),
     )
     .await;
+    let names = ["chart-key", "chart-cluster-key"];
+    for (name, provider) in names.iter().zip([
+        json!({"name": "keys"}),
+        json!({"kind": "ClusterKeyProvider", "name": release}),
+    ]) {
+        apply(
+            &client,
+            Some(&watched.name),
+            json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
+                   "metadata": {"name": name},
+                   "spec": {"providerRef": provider, "expiry": "720h"}}),
+        )
+        .await;
+    }
     let keys: Api<AuthKey> = Api::namespaced(client.clone(), &watched.name);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &watched.name);
-    eventually("the AuthKey Ready=True", WAIT, || async {
-        operator.assert_running();
-        let key = keys.get("chart-key").await.ok()?;
-        let status = serde_json::to_value(key.status?).ok()?;
-        let ready = status["conditions"]
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        ready.then_some(())
-    })
-    .await;
-    let secret = secrets.get("chart-key").await.expect("the key's Secret");
-    assert!(secret.data.unwrap_or_default().contains_key("key"));
+    for name in names {
+        eventually(&format!("AuthKey {name} Ready=True"), WAIT, || async {
+            operator.assert_running();
+            let key = keys.get(name).await.ok()?;
+            let status = serde_json::to_value(key.status?).ok()?;
+            let ready = status["conditions"]
+                .as_array()?
+                .iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True");
+            ready.then_some(())
+        })
+        .await;
+        let secret = secrets.get(name).await.expect("the key's Secret");
+        assert!(secret.data.unwrap_or_default().contains_key("key"));
+    }
     let events: Api<Event> = Api::namespaced(client.clone(), &watched.name);
     eventually("an Issued event", WAIT, || async {
         let list = events.list(&ListParams::default()).await.ok()?;
@@ -405,16 +423,22 @@ async fn chart_rbac_lets_the_operator_work_and_nothing_more() {
     })
     .await;
 
-    keys.delete("chart-key", &DeleteParams::default())
-        .await
-        .unwrap();
-    eventually("the AuthKey and its Secret gone", WAIT, || async {
-        operator.assert_running();
-        let key_gone = keys.get_opt("chart-key").await.ok()?.is_none();
-        let secret_gone = secrets.get_opt("chart-key").await.ok()?.is_none();
-        (key_gone && secret_gone).then_some(())
-    })
-    .await;
+    for name in names {
+        keys.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    for name in names {
+        eventually(
+            &format!("AuthKey {name} and its Secret gone"),
+            WAIT,
+            || async {
+                operator.assert_running();
+                let key_gone = keys.get_opt(name).await.ok()?.is_none();
+                let secret_gone = secrets.get_opt(name).await.ok()?.is_none();
+                (key_gone && secret_gone).then_some(())
+            },
+        )
+        .await;
+    }
 
     if let Some(port) = run_args
         .iter()
@@ -857,10 +881,13 @@ async fn get_dynamic(client: &Client, object: &Value) -> Option<DynamicObject> {
         .unwrap()
 }
 
-async fn apply(client: &Client, namespace: &str, object: Value) {
+async fn apply(client: &Client, namespace: Option<&str>, object: Value) {
     let gvk = GroupVersionKind::gvk("keyward.dev", "v1alpha1", object["kind"].as_str().unwrap());
     let (resource, _) = kube::discovery::pinned_kind(client, &gvk).await.unwrap();
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource);
+    let api: Api<DynamicObject> = match namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
     let name = object["metadata"]["name"].as_str().unwrap().to_owned();
     api.patch(
         &name,
