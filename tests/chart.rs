@@ -784,9 +784,10 @@ fn operator_namespace_grants(namespace: &str, leader_election: bool) -> BTreeSet
     out
 }
 
-/// Every grant the rendered bindings give the ServiceAccount, after checking no rule
-/// uses a wildcard, resourceNames tricks aside, and every binding names only that
-/// ServiceAccount and a role of this release.
+/// Every grant the rendered bindings give the ServiceAccount, after checking that no
+/// rule uses a wildcard (or resourceNames / nonResourceURLs, which the comparison would
+/// not see), that every binding names only that ServiceAccount and a rendered role, and
+/// that every rendered role is bound.
 fn grants(objects: &[Value], service_account: &str, sa_namespace: &str) -> BTreeSet<Grant> {
     let role = |kind: &str, namespace: Option<&str>, name: &str| -> &Value {
         objects
