@@ -8,6 +8,7 @@ pub mod crds;
 pub mod lifecycle;
 pub mod policy;
 pub mod providers;
+pub mod ratelimit;
 pub mod reconciler;
 pub mod resources;
 pub mod secret;

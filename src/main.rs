@@ -2,10 +2,10 @@
 
 mod dev;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -27,24 +27,7 @@ enum Command {
         out_dir: Option<PathBuf>,
     },
     /// Run the operator: the controllers for AuthKey and ServiceAccountKey.
-    Run {
-        /// Namespace of the operator: where ClusterKeyProvider credential Secrets live.
-        #[arg(
-            long,
-            env = "KEYWARD_OPERATOR_NAMESPACE",
-            default_value = "keyward-system"
-        )]
-        operator_namespace: String,
-        /// Watch only this namespace (default: all namespaces).
-        #[arg(long, env = "KEYWARD_WATCH_NAMESPACE")]
-        namespace: Option<String>,
-        /// Reconciles running at once, per kind.
-        #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 4)]
-        concurrency: u16,
-        /// Log format: text or json.
-        #[arg(long, env = "KEYWARD_LOG_FORMAT", default_value = "text")]
-        log_format: String,
-    },
+    Run(RunArgs),
     /// Try keyward on this machine: a local control plane, the builtin provider, the
     /// controller and the quickstart keys; runs until Ctrl-C.
     Dev {
@@ -62,15 +45,59 @@ enum Command {
     },
 }
 
+/// `keyward run`: every flag is also an environment variable `KEYWARD_<FLAG>`.
+#[derive(Args)]
+struct RunArgs {
+    /// Namespace of the operator: where ClusterKeyProvider credential Secrets live.
+    #[arg(
+        long,
+        env = "KEYWARD_OPERATOR_NAMESPACE",
+        default_value = "keyward-system"
+    )]
+    operator_namespace: String,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    #[arg(long, env = "KEYWARD_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Reconciles running at once, per kind (and per watched namespace).
+    #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+    /// Log format.
+    #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `keyward=debug,kube=info`); RUST_LOG wins
+    /// when set.
+    #[arg(long, env = "KEYWARD_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Requests per second to the Kubernetes API server, sustained (0: unlimited).
+    #[arg(long, env = "KEYWARD_CLIENT_QPS", default_value_t = 20.0)]
+    client_qps: f64,
+    /// Requests to the Kubernetes API server allowed in a burst above the QPS.
+    #[arg(long, env = "KEYWARD_CLIENT_BURST", default_value_t = 40)]
+    client_burst: u32,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let json = matches!(&cli.command, Command::Run { log_format, .. } if log_format == "json");
+    let (json, level) = match &cli.command {
+        Command::Run(args) => (args.log_format == LogFormat::Json, args.log_level.as_str()),
+        _ => (false, "info"),
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("--log-level {level:?}"))?,
+    };
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         logs.json().init();
@@ -79,31 +106,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     match cli.command {
-        Command::Run {
-            operator_namespace,
-            namespace,
-            concurrency,
-            ..
-        } => {
-            use keyward::{providers::DefaultFactory, reconciler};
-            // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (KUBECONFIG or in-cluster)")?;
-            let settings = reconciler::Settings {
-                operator_namespace,
-                namespace,
-                concurrency,
-            };
-            let ctx = reconciler::Context::new(
-                client,
-                std::sync::Arc::new(DefaultFactory),
-                std::sync::Arc::new(reconciler::NoFaults),
-                settings,
-            );
-            tracing::info!("keyward controllers starting");
-            reconciler::run(ctx, shutdown_signal()).await;
-        }
+        Command::Run(args) => run(args).await?,
         Command::Crds { out_dir: None } => print!("{}", keyward::crds::all_yaml()),
         Command::Crds { out_dir: Some(dir) } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -116,6 +119,37 @@ async fn main() -> anyhow::Result<()> {
         Command::LocalCluster { dir } => local_cluster(dir).await?,
         Command::Dev { once } => dev::run(once).await?,
     }
+    Ok(())
+}
+
+/// `keyward run`: the controllers until SIGTERM / Ctrl-C.
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use keyward::{providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler};
+    // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
+    let config = kube::Config::infer()
+        .await
+        .context("loading the Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&RateLimitLayer::new(args.client_qps, args.client_burst))
+        .build();
+    let ctx = reconciler::Context::new(
+        client,
+        Arc::new(DefaultFactory),
+        Arc::new(reconciler::NoFaults),
+        reconciler::Settings {
+            operator_namespace: args.operator_namespace,
+            // `--namespaces ""` (as a chart may render it) means all namespaces.
+            namespaces: args
+                .namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
+            concurrency: args.concurrency,
+        },
+    );
+    tracing::info!("keyward controllers starting");
+    reconciler::run(ctx, shutdown_signal()).await;
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::core::v1::{Namespace, Secret},
@@ -106,8 +106,8 @@ impl Faults for NoFaults {
 pub struct Settings {
     /// Where `ClusterKeyProvider` credential Secrets live.
     pub operator_namespace: String,
-    /// Watch only this namespace (None: all).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (empty: all).
+    pub namespaces: Vec<String>,
     /// Reconciles running at once, per kind.
     pub concurrency: u16,
 }
@@ -116,7 +116,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             operator_namespace: "keyward-system".to_owned(),
-            namespace: None,
+            namespaces: Vec::new(),
             concurrency: 4,
         }
     }
@@ -1127,13 +1127,15 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, ctx: Arc<Context>) ->
     Action::requeue(wait)
 }
 
-/// Runs the controller of one key kind until `shutdown` resolves.
+/// Runs the controller of one key kind in one namespace (None: all) until `shutdown`
+/// resolves.
 async fn run_kind<K: ManagedKey>(
     ctx: Arc<Context>,
+    namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (keys, secrets): (Api<K>, Api<Secret>) = match &ctx.settings.namespace {
+    let (keys, secrets): (Api<K>, Api<Secret>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -1148,7 +1150,7 @@ async fn run_kind<K: ManagedKey>(
     let controller = Controller::new(keys, watcher::Config::default());
     let store = controller.store();
     let store_cluster = store.clone();
-    let namespaced_providers: Api<KeyProvider> = match &ctx.settings.namespace {
+    let namespaced_providers: Api<KeyProvider> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -1197,11 +1199,21 @@ async fn run_kind<K: ManagedKey>(
         .await;
 }
 
-/// Runs both key controllers until `shutdown` resolves.
+/// Runs both key controllers until `shutdown` resolves: once for all namespaces, or
+/// once per namespace of `settings.namespaces` (each with its own watches and
+/// `concurrency`; `ClusterKeyProvider`s are watched by each).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    futures::join!(
-        run_kind::<AuthKey>(ctx.clone(), shutdown.clone()),
-        run_kind::<ServiceAccountKey>(ctx, shutdown),
-    );
+    let namespaces: Vec<Option<String>> = if ctx.settings.namespaces.is_empty() {
+        vec![None]
+    } else {
+        ctx.settings.namespaces.iter().cloned().map(Some).collect()
+    };
+    let controllers = namespaces.into_iter().flat_map(|ns| {
+        [
+            run_kind::<AuthKey>(ctx.clone(), ns.clone(), shutdown.clone()).boxed(),
+            run_kind::<ServiceAccountKey>(ctx.clone(), ns, shutdown.clone()).boxed(),
+        ]
+    });
+    futures::future::join_all(controllers).await;
 }
