@@ -6,9 +6,11 @@
 pub mod control_plane;
 pub mod crds;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod providers;
 pub mod ratelimit;
 pub mod reconciler;
 pub mod resources;
 pub mod secret;
+pub mod server;

@@ -2,7 +2,7 @@
 
 mod dev;
 
-use std::{path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -74,6 +74,13 @@ struct RunArgs {
     /// Requests to the Kubernetes API server allowed in a burst above the QPS.
     #[arg(long, env = "KEYWARD_CLIENT_BURST", default_value_t = 40)]
     client_burst: u32,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "KEYWARD_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_bind_address: SocketAddr,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,9 +129,22 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `keyward run`: the controllers until SIGTERM / Ctrl-C.
+/// `keyward run`: the endpoints, then the controllers until SIGTERM / Ctrl-C.
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    use keyward::{providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler};
+    use keyward::{
+        metrics, providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler, server,
+    };
+    let listener = tokio::net::TcpListener::bind(args.metrics_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --metrics-bind-address {}",
+                args.metrics_bind_address
+            )
+        })?;
+    let health = Arc::new(server::Health::default());
+    tokio::spawn(server::serve(listener, health.clone()));
+
     // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
     let config = kube::Config::infer()
         .await
@@ -133,6 +153,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .context("building the Kubernetes client")?
         .with_layer(&RateLimitLayer::new(args.client_qps, args.client_burst))
         .build();
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API server")?;
+    health.set_ready();
+    tracing::info!(
+        version = %version.git_version,
+        metrics = %args.metrics_bind_address,
+        "connected to the API server"
+    );
+
     let ctx = reconciler::Context::new(
         client,
         Arc::new(DefaultFactory),
@@ -148,6 +179,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
         },
     );
+    metrics::global().set_leader(true);
     tracing::info!("keyward controllers starting");
     reconciler::run(ctx, shutdown_signal()).await;
     Ok(())

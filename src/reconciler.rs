@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use crate::{
     lifecycle::{self, Observed, ROTATE_ANNOTATION, Trigger},
+    metrics::{self, KeyRef},
     policy,
     providers::{
         self, IssueRequest, IssuedKey, KeyApi, KeyShape, ProviderError, ProviderFactory,
@@ -435,6 +436,7 @@ async fn resolve<K: ManagedKey>(
             });
         }
     }
+    metrics::global().resolved(&KeyRef::of(key), providers::provider_type(&spec));
     let resolved = ResolvedProvider {
         display,
         spec,
@@ -523,6 +525,7 @@ async fn recover<K: ManagedKey>(
     }
     for orphan in api.find_by_marker(&attempt.marker).await? {
         api.revoke(&orphan).await?;
+        metrics::global().revoked(&KeyRef::of(key));
         publish(ctx, key, EventType::Normal, "RevokedOrphan", format!(
             "revoked upstream key {orphan}: issued by an interrupted attempt ({}) that never reached the Secret",
             attempt.marker
@@ -634,6 +637,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     let (api, lifetime) = match resolved {
         Ok(r) => r,
         Err(Error::NotReady { reason, message }) => {
+            metrics::global().failed(&KeyRef::of(&*key), "resolve");
             set_condition(
                 &mut status.conditions,
                 "Ready",
@@ -695,6 +699,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         match issued {
             Ok(()) => {}
             Err(Error::Provider(e)) => {
+                metrics::global().failed(&KeyRef::of(&*key), "issue");
                 let message = format!("issuing a key failed: {e}");
                 set_condition(
                     &mut status.conditions,
@@ -750,6 +755,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         }
         match api.revoke(&retiring.key_id).await {
             Ok(()) => {
+                metrics::global().revoked(&KeyRef::of(&*key));
                 publish(
                     &ctx,
                     &*key,
@@ -763,6 +769,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
                 .await;
             }
             Err(e) => {
+                metrics::global().failed(&KeyRef::of(&*key), "revoke");
                 revoke_error = Some(format!(
                     "revoking previous key {} failed: {e}",
                     retiring.key_id
@@ -842,7 +849,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         .await;
         return Err(Error::Provider(ProviderError::Unavailable(message)));
     }
-    Ok(next_wake(&status))
+    Ok(next_wake(&*key, &status))
 }
 
 /// Issues a new key and writes it to the Secret, persisting the attempt first.
@@ -956,6 +963,7 @@ async fn issue<K: ManagedKey>(
         ),
     };
     info!(kind = K::KIND, namespace = %namespace, name = %key.name_any(), key_id = %issued.id, reason = trigger.reason(), "{reason}");
+    metrics::global().rotated(&KeyRef::of(key), trigger.reason());
     publish(ctx, key, EventType::Normal, reason, note).await;
     Ok(())
 }
@@ -985,7 +993,7 @@ async fn delete_owned_secret<K: ManagedKey>(
 }
 
 /// Requeue exactly when something is due: renewal, or the end of an overlap.
-fn next_wake(status: &KeyStatus) -> Action {
+fn next_wake<K: ManagedKey>(key: &K, status: &KeyStatus) -> Action {
     let now = Timestamp::now();
     let due = status
         .retiring
@@ -998,9 +1006,14 @@ fn next_wake(status: &KeyStatus) -> Action {
         Some(at) => {
             let wait = at.duration_since(now);
             let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-            Action::requeue(wait.max(Duration::from_millis(200)))
+            let wait = wait.max(Duration::from_millis(200));
+            metrics::global().scheduled(&KeyRef::of(key), Some(wait));
+            Action::requeue(wait)
         }
-        None => Action::await_change(),
+        None => {
+            metrics::global().scheduled(&KeyRef::of(key), None);
+            Action::await_change()
+        }
     }
 }
 
@@ -1044,6 +1057,7 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
                 .collect();
             for id in held {
                 api.revoke(&id).await?;
+                metrics::global().revoked(&KeyRef::of(&*key));
                 status.retiring.retain(|r| r.key_id != id);
                 if status.key_id.as_deref() == Some(id.as_str()) {
                     status.key_id = None;
@@ -1054,6 +1068,14 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
         }
         .await;
         if let Err(e) = result {
+            metrics::global().failed(
+                &KeyRef::of(&*key),
+                if matches!(e, Error::NotReady { .. }) {
+                    "resolve"
+                } else {
+                    "revoke"
+                },
+            );
             let (reason, message) = match &e {
                 Error::NotReady { reason, message } => (*reason, message.clone()),
                 other => (
@@ -1092,12 +1114,14 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     {
         delete_owned_secret(&secrets, &name, &*key).await?;
     }
+    metrics::global().key_forgotten(&KeyRef::of(&*key));
     Ok(Action::await_change())
 }
 
 async fn reconcile<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = key.namespace().unwrap_or_default();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let started = metrics::global().reconcile_started(&KeyRef::of(&*key));
     let result = finalizer(&api, FINALIZER, key.clone(), |event| async {
         match event {
             Finalizer::Apply(k) => apply(k, ctx.clone()).await,
@@ -1107,6 +1131,11 @@ async fn reconcile<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Acti
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.reconciles.fetch_add(1, Ordering::Relaxed);
+    metrics::global().reconciled(&KeyRef::of(&*key), started, result.is_ok());
+    if key.meta().deletion_timestamp.is_none() {
+        // The cached status; a status this reconcile wrote arrives as the next event.
+        metrics::global().key_observed(&KeyRef::of(&*key), key.key_status());
+    }
     if result.is_ok() {
         ctx.failures
             .lock()
@@ -1123,6 +1152,7 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, ctx: Arc<Context>) ->
     let n = failures.entry(uid).or_insert(0);
     *n = n.saturating_add(1);
     let wait = Duration::from_secs(1u64 << (*n - 1).min(9)).min(Duration::from_secs(300));
+    metrics::global().scheduled(&KeyRef::of(&*key), Some(wait));
     warn!(kind = K::KIND, name = %key.name_any(), namespace = %key.namespace().unwrap_or_default(), error = %error, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
