@@ -5,6 +5,7 @@
 
 pub mod control_plane;
 pub mod crds;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;

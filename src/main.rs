@@ -2,10 +2,11 @@
 
 mod dev;
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::FutureExt;
 
 #[derive(Parser)]
 #[command(
@@ -48,7 +49,8 @@ enum Command {
 /// `keyward run`: every flag is also an environment variable `KEYWARD_<FLAG>`.
 #[derive(Args)]
 struct RunArgs {
-    /// Namespace of the operator: where ClusterKeyProvider credential Secrets live.
+    /// Namespace of the operator: where ClusterKeyProvider credential Secrets and the
+    /// leader Lease live.
     #[arg(
         long,
         env = "KEYWARD_OPERATOR_NAMESPACE",
@@ -81,12 +83,32 @@ struct RunArgs {
         default_value = "0.0.0.0:8080"
     )]
     metrics_bind_address: SocketAddr,
+    /// Run the controllers only while holding the leader Lease (for several replicas).
+    #[arg(long, env = "KEYWARD_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader Lease, in the operator namespace.
+    #[arg(long, env = "KEYWARD_LEASE_NAME", default_value = "keyward")]
+    lease_name: String,
+    /// How long a standby waits after the leader's last renewal before taking over.
+    #[arg(long, env = "KEYWARD_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it gives up and exits.
+    #[arg(long, env = "KEYWARD_RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
+    renew_deadline: Duration,
+    /// How often candidates try to acquire, and the leader renews.
+    #[arg(long, env = "KEYWARD_RETRY_PERIOD", default_value = "2s", value_parser = duration)]
+    retry_period: Duration,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    keyward::resources::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like 15s, 1m or 1m30s"))
 }
 
 #[tokio::main]
@@ -129,11 +151,18 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `keyward run`: the endpoints, then the controllers until SIGTERM / Ctrl-C.
+/// `keyward run`: the endpoints at once, then (with `--leader-elect`, once the Lease
+/// is ours) the controllers until SIGTERM / Ctrl-C.
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use keyward::{
-        metrics, providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler, server,
+        leader, metrics, providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler, server,
     };
+    anyhow::ensure!(
+        !args.leader_elect
+            || (args.retry_period < args.renew_deadline
+                && args.renew_deadline < args.lease_duration),
+        "leader election needs --retry-period < --renew-deadline < --lease-duration"
+    );
     let listener = tokio::net::TcpListener::bind(args.metrics_bind_address)
         .await
         .with_context(|| {
@@ -165,11 +194,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
 
     let ctx = reconciler::Context::new(
-        client,
+        client.clone(),
         Arc::new(DefaultFactory),
         Arc::new(reconciler::NoFaults),
         reconciler::Settings {
-            operator_namespace: args.operator_namespace,
+            operator_namespace: args.operator_namespace.clone(),
             // `--namespaces ""` (as a chart may render it) means all namespaces.
             namespaces: args
                 .namespaces
@@ -179,10 +208,44 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             concurrency: args.concurrency,
         },
     );
+    let shutdown = shutdown_signal().boxed().shared();
+    if !args.leader_elect {
+        metrics::global().set_leader(true);
+        tracing::info!("keyward controllers starting");
+        reconciler::run(ctx, shutdown).await;
+        return Ok(());
+    }
+
+    let elector = leader::Elector::new(
+        client,
+        leader::Config {
+            lease_name: args.lease_name,
+            namespace: args.operator_namespace,
+            identity: leader::default_identity(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        },
+    );
+    let leadership = tokio::select! {
+        leadership = elector.acquire() => leadership,
+        _ = shutdown.clone() => return Ok(()),
+    };
     metrics::global().set_leader(true);
     tracing::info!("keyward controllers starting");
-    reconciler::run(ctx, shutdown_signal()).await;
-    Ok(())
+    let lost = leadership.lost();
+    tokio::select! {
+        // Graceful: in-flight reconciles finish before the Lease is let go.
+        _ = reconciler::run(ctx, shutdown) => {
+            leadership.release().await;
+            metrics::global().set_leader(false);
+            Ok(())
+        }
+        _ = lost => {
+            metrics::global().set_leader(false);
+            anyhow::bail!("lost the leader lease; exiting so that a standby takes over")
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

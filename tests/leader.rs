@@ -1,25 +1,31 @@
-//! `keyward run` as the Helm chart starts it, as a real process against the real
-//! control plane: the metrics and health endpoints.
+//! `keyward run` as the Helm chart starts it, as real processes against the real
+//! control plane: leader election between two replicas (only the leader reconciles; a
+//! SIGKILLed leader is replaced within the lease duration with no key issued twice or
+//! lost; SIGTERM hands over at once), and the metrics and health endpoints.
 
 mod common;
 
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Event, Secret},
+};
 use keyward::resources::{AuthKey, KeyStatus};
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde_json::json;
 
 use common::{TestNamespace, eventually};
 
 const WAIT: Duration = Duration::from_secs(60);
+const LEASE: &str = "keyward";
 
 /// One `keyward run` process; SIGKILLed and reaped when dropped (a failing test too).
 struct Operator {
@@ -57,6 +63,22 @@ impl Operator {
     }
 
     /// Two candidates elect on a short lease: 4s, renewed every 1s, given up after 3s.
+    fn candidate(ns: &str, identity: &str) -> Self {
+        Self::start(
+            ns,
+            identity,
+            &[
+                "--leader-elect",
+                "--lease-duration",
+                "4s",
+                "--renew-deadline",
+                "3s",
+                "--retry-period",
+                "1s",
+            ],
+        )
+    }
+
     async fn get(&self, path: &str) -> Option<(u16, String)> {
         let url = format!("http://127.0.0.1:{}{path}", self.port);
         let response = reqwest::get(url).await.ok()?;
@@ -73,6 +95,14 @@ impl Operator {
 
     fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     fn sigkill(&mut self) {
@@ -92,6 +122,21 @@ impl Drop for Operator {
 
 fn rustls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+async fn holder(client: &Client, ns: &str) -> Option<String> {
+    let lease = Api::<Lease>::namespaced(client.clone(), ns)
+        .get_opt(LEASE)
+        .await
+        .ok()??;
+    lease.spec?.holder_identity
+}
+
+async fn wait_for_holder(client: &Client, ns: &str, identity: &str) {
+    eventually(&format!("{identity} holds the lease"), WAIT, || async {
+        (holder(client, ns).await.as_deref() == Some(identity)).then_some(())
+    })
+    .await;
 }
 
 async fn apply(client: &Client, ns: &str, object: serde_json::Value) {
@@ -160,11 +205,151 @@ async fn status_where(
 }
 
 /// `reportingInstance` of every event about a key: the POD_NAME of the writer.
+async fn event_reporters(client: &Client, ns: &str) -> Vec<String> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.involved_object.kind.as_deref() == Some("AuthKey"))
+        .map(|e| e.reporting_instance.unwrap_or_default())
+        .collect()
+}
+
+/// The value of the one sample whose line starts with `series` (name and labels).
 fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics
         .lines()
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+fn key_spec() -> serde_json::Value {
+    json!({"providerRef": {"name": "keys"}, "expiry": "720h", "secret": {"key": "TOKEN"}})
+}
+
+/// Every key is Ready at revision 1 — issued exactly once — with its Secret.
+async fn all_issued_once(client: &Client, ns: &str, names: &[String]) {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for name in names {
+        let status = status_where(client, ns, name, "Ready", is_ready).await;
+        assert_eq!(status.revision, Some(1), "{name} was issued more than once");
+        let secret = secrets.get(name).await.unwrap();
+        assert!(
+            secret.data.unwrap().contains_key("TOKEN"),
+            "{name}'s Secret"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_killed_leader_is_replaced_within_the_lease_duration_and_no_key_is_issued_twice() {
+    rustls();
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client, "leader").await;
+    builtin_provider(&client, &ns.name).await;
+
+    let mut a = Operator::candidate(&ns.name, "replica-a");
+    wait_for_holder(&client, &ns.name, "replica-a").await;
+    let b = Operator::candidate(&ns.name, "replica-b");
+    let mut names: Vec<String> = (0..3).map(|i| format!("before-{i}")).collect();
+    for name in &names {
+        create_key(&client, &ns.name, name, key_spec()).await;
+    }
+    all_issued_once(&client, &ns.name, &names).await;
+
+    // Only the leader reconciled: every event is the leader's, and the standby (ready,
+    // waiting) has not run a single reconcile.
+    let reporters = event_reporters(&client, &ns.name).await;
+    assert!(!reporters.is_empty());
+    assert!(reporters.iter().all(|r| r == "replica-a"), "{reporters:?}");
+    assert_eq!(b.get("/readyz").await.map(|r| r.0), Some(200));
+    let standby = b.metrics().await;
+    assert_eq!(sample(&standby, "keyward_leader"), Some(0.0), "{standby}");
+    assert!(
+        !standby.contains("keyward_reconcile_duration_seconds_count{"),
+        "the standby reconciled:\n{standby}"
+    );
+    assert_eq!(
+        holder(&client, &ns.name).await.as_deref(),
+        Some("replica-a")
+    );
+
+    // More keys arrive around the crash: some may be mid-issuance when it hits.
+    for i in 0..3 {
+        let name = format!("around-{i}");
+        create_key(&client, &ns.name, &name, key_spec()).await;
+        names.push(name);
+    }
+    a.sigkill();
+    let killed = Instant::now();
+    wait_for_holder(&client, &ns.name, "replica-b").await;
+    let takeover = killed.elapsed();
+    eprintln!("takeover after SIGKILL: {takeover:?}");
+    // Lease 4s after the last renewal (at most 1s before the kill) + one retry period.
+    assert!(
+        takeover < Duration::from_secs(4 + 1 + 2),
+        "standby took {takeover:?}"
+    );
+
+    for i in 0..2 {
+        let name = format!("after-{i}");
+        create_key(&client, &ns.name, &name, key_spec()).await;
+        names.push(name);
+    }
+    all_issued_once(&client, &ns.name, &names).await;
+    let leader = b.metrics().await;
+    assert_eq!(sample(&leader, "keyward_leader"), Some(1.0), "{leader}");
+    let issued_by_b = sample(
+        &leader,
+        r#"keyward_rotations_total{kind="AuthKey",provider="builtin",reason="Initial"}"#,
+    );
+    assert!(issued_by_b.is_some_and(|n| n >= 2.0), "{leader}");
+    assert!(b.logs().contains("acquired the leader lease"));
+}
+
+#[tokio::test]
+async fn sigterm_releases_the_lease_so_the_standby_takes_over_at_once() {
+    rustls();
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client, "handover").await;
+    builtin_provider(&client, &ns.name).await;
+    // A long lease: only a release explains a quick takeover.
+    let long = [
+        "--leader-elect",
+        "--lease-duration",
+        "30s",
+        "--renew-deadline",
+        "20s",
+        "--retry-period",
+        "1s",
+    ];
+    let mut a = Operator::start(&ns.name, "replica-a", &long);
+    wait_for_holder(&client, &ns.name, "replica-a").await;
+    let b = Operator::start(&ns.name, "replica-b", &long);
+    create_key(&client, &ns.name, "first", key_spec()).await;
+    status_where(&client, &ns.name, "first", "Ready", is_ready).await;
+    assert_eq!(b.get("/readyz").await.map(|r| r.0), Some(200));
+
+    a.sigterm();
+    let stopped = Instant::now();
+    wait_for_holder(&client, &ns.name, "replica-b").await;
+    let takeover = stopped.elapsed();
+    eprintln!("takeover after SIGTERM: {takeover:?}");
+    assert!(takeover < Duration::from_secs(5), "took {takeover:?}");
+    let exit = a.child.wait().unwrap();
+    assert!(exit.success(), "graceful exit: {exit:?}\n{}", a.logs());
+    assert!(
+        a.logs().contains("released the leader lease"),
+        "{}",
+        a.logs()
+    );
+
+    create_key(&client, &ns.name, "second", key_spec()).await;
+    all_issued_once(&client, &ns.name, &["first".into(), "second".into()]).await;
+    let reporters = event_reporters(&client, &ns.name).await;
+    assert!(reporters.contains(&"replica-b".to_owned()), "{reporters:?}");
 }
 
 #[tokio::test]
@@ -310,4 +495,43 @@ async fn metrics_and_health_endpoints_show_the_key_lifecycle() {
         (!text.contains(r#"name="short""#)).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_leader_that_sees_another_holder_stops_reconciling_and_exits() {
+    rustls();
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client, "usurped").await;
+    builtin_provider(&client, &ns.name).await;
+    let mut a = Operator::candidate(&ns.name, "replica-a");
+    wait_for_holder(&client, &ns.name, "replica-a").await;
+
+    // What a partitioned leader finds when it comes back: someone else took over.
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "holderIdentity": "replica-z",
+                "renewTime": jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string(),
+                "leaseDurationSeconds": 3600,
+            }})),
+        )
+        .await
+        .unwrap();
+    let exit = eventually("the usurped leader exits", WAIT, || {
+        let exited = a.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(exit.code(), Some(1), "{}", a.logs());
+    assert!(
+        a.logs()
+            .contains("another candidate holds the leader lease")
+    );
+    assert_eq!(
+        holder(&client, &ns.name).await.as_deref(),
+        Some("replica-z")
+    );
 }
