@@ -1234,10 +1234,12 @@ async fn run_kind<K: ManagedKey>(
 /// `concurrency`; `ClusterKeyProvider`s are watched by each).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let namespaces: Vec<Option<String>> = if ctx.settings.namespaces.is_empty() {
+    // A namespace listed twice must not get two controllers reconciling its keys.
+    let listed: std::collections::BTreeSet<&String> = ctx.settings.namespaces.iter().collect();
+    let namespaces: Vec<Option<String>> = if listed.is_empty() {
         vec![None]
     } else {
-        ctx.settings.namespaces.iter().cloned().map(Some).collect()
+        listed.into_iter().cloned().map(Some).collect()
     };
     let controllers = namespaces.into_iter().flat_map(|ns| {
         [

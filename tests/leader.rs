@@ -1,7 +1,8 @@
 //! `keyward run` as the Helm chart starts it, as real processes against the real
 //! control plane: leader election between two replicas (only the leader reconciles; a
 //! SIGKILLed leader is replaced within the lease duration with no key issued twice or
-//! lost; SIGTERM hands over at once), and the metrics and health endpoints.
+//! lost; SIGTERM hands over at once), the metrics and health endpoints, and
+//! `--namespaces`.
 
 mod common;
 
@@ -533,5 +534,44 @@ async fn a_leader_that_sees_another_holder_stops_reconciling_and_exits() {
     assert_eq!(
         holder(&client, &ns.name).await.as_deref(),
         Some("replica-z")
+    );
+}
+
+#[tokio::test]
+async fn namespaces_lists_what_is_watched() {
+    rustls();
+    let client = common::client().await;
+    let first = TestNamespace::new(&client, "watched").await;
+    let second = TestNamespace::new(&client, "watched").await;
+    let other = TestNamespace::new(&client, "unwatched").await;
+    for ns in [&first, &second, &other] {
+        builtin_provider(&client, &ns.name).await;
+        create_key(&client, &ns.name, "key", key_spec()).await;
+    }
+    // `--namespaces` given twice appends, as `--namespaces a,b` would; a duplicate is
+    // watched once.
+    let op = Operator::start(
+        &first.name,
+        "solo",
+        &["--namespaces", &format!("{},{}", second.name, first.name)],
+    );
+    all_issued_once(&client, &first.name, &["key".into()]).await;
+    all_issued_once(&client, &second.name, &["key".into()]).await;
+
+    let untouched = Api::<AuthKey>::namespaced(client.clone(), &other.name)
+        .get("key")
+        .await
+        .unwrap();
+    assert!(untouched.status.is_none(), "{untouched:?}");
+    assert!(untouched.metadata.finalizers.is_none(), "{untouched:?}");
+    let metrics = op.metrics().await;
+    assert!(!metrics.contains(&other.name), "{metrics}");
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"keyward_rotations_total{kind="AuthKey",provider="builtin",reason="Initial"}"#
+        ),
+        Some(2.0),
+        "each watched key issued once, not once per listing\n{metrics}"
     );
 }
