@@ -44,7 +44,7 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
 
     let ctx = Context::new(
         client.clone(),
-        Arc::new(DefaultFactory),
+        Arc::new(DefaultFactory::default()),
         Arc::new(NoFaults),
         Settings {
             operator_namespace: NAMESPACE.to_owned(),

@@ -9,6 +9,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod policy;
+pub mod provider_status;
 pub mod providers;
 pub mod ratelimit;
 pub mod reconciler;

@@ -12,6 +12,11 @@ use crate::resources::{KeyStatus, Rotation};
 /// minute) and for a process to re-read it.
 pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(5 * 60);
 
+/// Default time between two inspections of a key (providers that can tell).
+pub const DEFAULT_INSPECT_INTERVAL: Duration = Duration::from_secs(3600);
+/// Inspections are never more frequent than this, whatever the spec says.
+pub const MIN_INSPECT_INTERVAL: Duration = Duration::from_secs(10);
+
 /// The annotation that forces a rotation when its value changes.
 pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
 
@@ -28,6 +33,9 @@ pub enum Trigger {
     SecretMissing,
     /// The Secret's data was edited: the same.
     SecretMismatch,
+    /// The upstream says the current key no longer works (used up, revoked in a
+    /// console, expired early) and `reissueWhenInvalid` is on.
+    KeyInvalid,
     /// The current key expired (keyward was not running at renewal time).
     Expired,
     /// Renewal time reached.
@@ -42,13 +50,15 @@ impl Trigger {
             Trigger::ForcedRotation => "ForcedRotation",
             Trigger::SecretMissing => "SecretMissing",
             Trigger::SecretMismatch => "SecretMismatch",
+            Trigger::KeyInvalid => "KeyInvalid",
             Trigger::Expired => "Expired",
             Trigger::Renewing => "Renewing",
         }
     }
 
     /// Whether the previous key keeps working for the overlap. A key that left
-    /// keyward's hands (Secret deleted or edited) or has expired is revoked at once.
+    /// keyward's hands (Secret deleted or edited), stopped working or expired is
+    /// revoked at once.
     pub fn retire_with_overlap(self) -> bool {
         matches!(
             self,
@@ -66,6 +76,8 @@ pub struct Observed<'a> {
     pub rotate_request: Option<&'a str>,
     /// Digest of the Secret's data as it is now; `None` when the Secret does not exist.
     pub secret_hash: Option<&'a str>,
+    /// `rotation.reissueWhenInvalid` (default true).
+    pub reissue_when_invalid: bool,
     pub now: Timestamp,
 }
 
@@ -86,6 +98,9 @@ pub fn trigger(o: &Observed) -> Option<Trigger> {
         }
         _ => {}
     }
+    if status.invalid.is_some() && o.reissue_when_invalid {
+        return Some(Trigger::KeyInvalid);
+    }
     if let Some(expires) = &status.expires_at
         && o.now >= expires.0
     {
@@ -100,6 +115,33 @@ pub fn trigger(o: &Observed) -> Option<Trigger> {
         return Some(Trigger::Renewing);
     }
     None
+}
+
+/// The time between inspections of a key: `rotation.inspectInterval`, at least
+/// [`MIN_INSPECT_INTERVAL`].
+pub fn inspect_interval(rotation: &Rotation) -> Duration {
+    rotation
+        .inspect_interval
+        .as_ref()
+        .and_then(|d| d.to_std())
+        .unwrap_or(DEFAULT_INSPECT_INTERVAL)
+        .max(MIN_INSPECT_INTERVAL)
+}
+
+/// When the current key is next asked about upstream: one interval after the last
+/// inspection (or after issuance). `None` when there is nothing to ask about: no key,
+/// an issuance in flight, or a key already known to be invalid.
+pub fn next_inspection(status: &KeyStatus, rotation: &Rotation) -> Option<Timestamp> {
+    if status.key_id.is_none() || status.attempt.is_some() || status.invalid.is_some() {
+        return None;
+    }
+    let last = status
+        .last_inspected_at
+        .as_ref()
+        .or(status.created_at.as_ref())?
+        .0;
+    let interval = SignedDuration::try_from(inspect_interval(rotation)).ok()?;
+    last.checked_add(interval).ok()
 }
 
 /// How long before expiry a key is renewed: `renewBefore`, or `renewBeforePercentage`
@@ -195,6 +237,7 @@ mod tests {
             shape: "shape",
             rotate_request: None,
             secret_hash: Some("h"),
+            reissue_when_invalid: true,
             now: ts(now),
         }
     }
@@ -259,6 +302,22 @@ mod tests {
             trigger(&observe(&status, "2026-01-25T00:00:00Z")),
             Some(Trigger::Renewing)
         );
+        let invalid = KeyStatus {
+            invalid: Some("UsedUp".into()),
+            ..ready_status()
+        };
+        assert_eq!(
+            trigger(&observe(&invalid, fresh)),
+            Some(Trigger::KeyInvalid)
+        );
+        assert_eq!(
+            trigger(&Observed {
+                reissue_when_invalid: false,
+                ..observe(&invalid, fresh)
+            }),
+            None,
+            "an invalid key is left alone when reissueWhenInvalid is false"
+        );
         assert_eq!(
             trigger(&observe(&status, "2026-02-02T00:00:00Z")),
             Some(Trigger::Expired)
@@ -311,6 +370,38 @@ mod tests {
         let at = renewal_time(created, Some(expires), &rotation, "s").unwrap();
         assert!(at >= created && at <= expires);
         assert_eq!(renewal_time(created, None, &rotation, "s"), None);
+    }
+
+    #[test]
+    fn inspections_follow_the_interval_and_stop_once_the_key_is_invalid() {
+        let mut status = KeyStatus {
+            created_at: Some(Time(ts("2026-01-01T00:00:00Z"))),
+            ..ready_status()
+        };
+        let rotation = Rotation {
+            inspect_interval: Some("10m".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            next_inspection(&status, &rotation),
+            Some(ts("2026-01-01T00:10:00Z"))
+        );
+        status.last_inspected_at = Some(Time(ts("2026-01-01T01:00:00Z")));
+        assert_eq!(
+            next_inspection(&status, &rotation),
+            Some(ts("2026-01-01T01:10:00Z"))
+        );
+        let too_often = Rotation {
+            inspect_interval: Some("1s".into()),
+            ..Default::default()
+        };
+        assert_eq!(inspect_interval(&too_often), MIN_INSPECT_INTERVAL);
+        assert_eq!(
+            inspect_interval(&Rotation::default()),
+            DEFAULT_INSPECT_INTERVAL
+        );
+        status.invalid = Some("Revoked".into());
+        assert_eq!(next_inspection(&status, &rotation), None);
     }
 
     #[test]

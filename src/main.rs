@@ -195,7 +195,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let ctx = reconciler::Context::new(
         client.clone(),
-        Arc::new(DefaultFactory),
+        Arc::new(DefaultFactory::default()),
         Arc::new(reconciler::NoFaults),
         reconciler::Settings {
             operator_namespace: args.operator_namespace.clone(),

@@ -46,12 +46,13 @@ use crate::{
     metrics::{self, KeyRef},
     policy,
     providers::{
-        self, IssueRequest, IssuedKey, KeyApi, KeyShape, ProviderError, ProviderFactory,
+        self, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, ProviderError, ProviderFactory,
         ResolvedProvider,
     },
     resources::{
         AuthKey, ClusterKeyProvider, DeletionPolicy, IssueAttempt, KeyDuration, KeyProvider,
-        KeyStatus, ProviderKind, ProviderRef, RetiringKey, Rotation, SecretSpec, ServiceAccountKey,
+        KeyProviderSpec, KeyStatus, ProviderKind, ProviderRef, RetiringKey, Rotation, SecretSpec,
+        ServiceAccountKey,
     },
     secret::{self, ATTEMPT_ANNOTATION, KEY_ID_ANNOTATION},
 };
@@ -277,7 +278,7 @@ fn now_time() -> Time {
 }
 
 /// Sets a condition, keeping `lastTransitionTime` when the status did not change.
-fn set_condition(
+pub(crate) fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
     status: bool,
@@ -306,7 +307,7 @@ fn set_condition(
 }
 
 /// Drops timestamps so "did anything change?" compares meaning, not clock.
-fn comparable(status: &KeyStatus) -> serde_json::Value {
+pub(crate) fn comparable<S: Serialize>(status: &S) -> serde_json::Value {
     let mut v = serde_json::to_value(status).unwrap_or_default();
     if let Some(conditions) = v.get_mut("conditions").and_then(|c| c.as_array_mut()) {
         for c in conditions {
@@ -415,9 +416,27 @@ async fn resolve<K: ManagedKey>(
         message: format!("{display}: {}", v.message),
     })?;
 
+    let id = match reference.kind {
+        ProviderKind::KeyProvider => format!("KeyProvider/{namespace}/{}", reference.name),
+        ProviderKind::ClusterKeyProvider => format!("ClusterKeyProvider/{}", reference.name),
+    };
+    metrics::global().resolved(&KeyRef::of(key), providers::provider_type(&spec));
+    build_provider(ctx, id, display, spec, &credentials_namespace).await
+}
+
+/// Reads a provider's credential Secret and builds its key API. Failures are
+/// `NotReady` with `CredentialsNotFound`, `CredentialsInvalid` or
+/// `ProviderMisconfigured`, each saying what to create or fix.
+pub(crate) async fn build_provider(
+    ctx: &Context,
+    id: String,
+    display: String,
+    spec: KeyProviderSpec,
+    credentials_namespace: &str,
+) -> Result<Arc<dyn KeyApi>> {
     let mut credentials = BTreeMap::new();
     if let Some((name, required)) = providers::credential_secret(&spec) {
-        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &credentials_namespace);
+        let api: Api<Secret> = Api::namespaced(ctx.client.clone(), credentials_namespace);
         let found = api.get_opt(&name).await?.ok_or_else(|| Error::NotReady {
             reason: "CredentialsNotFound",
             message: format!(
@@ -436,21 +455,19 @@ async fn resolve<K: ManagedKey>(
             });
         }
     }
-    metrics::global().resolved(&KeyRef::of(key), providers::provider_type(&spec));
     let resolved = ResolvedProvider {
+        id,
         display,
         spec,
         credentials,
     };
-    let api = ctx
-        .factory
+    ctx.factory
         .build(&resolved)
         .await
         .map_err(|e| Error::NotReady {
             reason: "ProviderMisconfigured",
             message: e.to_string(),
-        })?;
-    Ok(api)
+        })
 }
 
 /// The requested lifetime, or the provider's default, checked against its bounds.
@@ -543,6 +560,7 @@ fn trigger_from_reason(reason: &str) -> Trigger {
         Trigger::ForcedRotation,
         Trigger::SecretMissing,
         Trigger::SecretMismatch,
+        Trigger::KeyInvalid,
         Trigger::Expired,
     ]
     .into_iter()
@@ -608,6 +626,8 @@ fn complete<K: ManagedKey>(
     status.shape = Some(shape_digest(key));
     status.secret_name = Some(secret_name(key));
     status.attempt = None;
+    status.invalid = None;
+    status.last_inspected_at = None;
     if trigger == Trigger::ForcedRotation {
         status.rotate_request = key.annotations().get(ROTATE_ANNOTATION).cloned();
     }
@@ -630,6 +650,12 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         secret::check_template(key.secret_spec()).map_err(|e| Error::NotReady {
             reason: "TemplateInvalid",
             message: e.to_string(),
+        })?;
+        // The request as it would be sent, with a marker of the real length.
+        let probe = issue_request(&*key, &rotation, &status, "00000000", lifetime, None);
+        api.check(&probe).map_err(|r| Error::NotReady {
+            reason: r.reason,
+            message: r.message,
         })?;
         Ok::<_, Error>((api, lifetime))
     }
@@ -668,13 +694,17 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     )
     .await?;
 
+    inspect(&ctx, &*key, api.as_ref(), &mut status, &rotation).await;
+
     let shape = shape_digest(&*key);
     let current_hash = secret.as_ref().map(secret::secret_hash);
+    let reissue_when_invalid = rotation.reissue_when_invalid.unwrap_or(true);
     let trigger = lifecycle::trigger(&Observed {
         status: &status,
         shape: &shape,
         rotate_request: key.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
         secret_hash: current_hash.as_deref(),
+        reissue_when_invalid,
         now: Timestamp::now(),
     });
 
@@ -701,16 +731,20 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
             Err(Error::Provider(e)) => {
                 metrics::global().failed(&KeyRef::of(&*key), "issue");
                 let message = format!("issuing a key failed: {e}");
+                let failure = match &e {
+                    ProviderError::Refused { reason, .. } => reason,
+                    _ => "IssueFailed",
+                };
                 set_condition(
                     &mut status.conditions,
                     "Issuing",
                     false,
-                    "IssueFailed",
+                    failure,
                     &message,
                     generation,
                 );
-                let ready = status.key_id.is_some();
-                let reason = if ready { "Issued" } else { "IssueFailed" };
+                let ready = status.key_id.is_some() && status.invalid.is_none();
+                let reason = if ready { "Issued" } else { failure };
                 let ready_message = if ready {
                     "the previous key is still in place"
                 } else {
@@ -728,12 +762,12 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
                     &mut status.conditions,
                     "Degraded",
                     true,
-                    "IssueFailed",
+                    failure,
                     &message,
                     generation,
                 );
                 write_status(&keys, &key, &status).await?;
-                publish(&ctx, &*key, EventType::Warning, "IssueFailed", message).await;
+                publish(&ctx, &*key, EventType::Warning, failure, message).await;
                 return Err(Error::Provider(e));
             }
             Err(e) => return Err(e),
@@ -797,17 +831,29 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     }
     status.observed_generation = generation;
     let revision = status.revision.unwrap_or(0);
-    set_condition(
-        &mut status.conditions,
-        "Ready",
-        true,
-        "Issued",
-        &format!(
-            "key {} (revision {revision}) is in Secret {name}",
-            status.key_id.as_deref().unwrap_or_default()
+    let key_id = status.key_id.clone().unwrap_or_default();
+    match status.invalid.clone() {
+        Some(state) => set_condition(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "KeyInvalid",
+            &format!(
+                "the upstream reports key {key_id} (revision {revision}) as {state}; \
+                 rotation.reissueWhenInvalid is false, so keyward leaves it in Secret {name}: \
+                 set reissueWhenInvalid to true, or annotate {ROTATE_ANNOTATION} to issue a new key"
+            ),
+            generation,
         ),
-        generation,
-    );
+        None => set_condition(
+            &mut status.conditions,
+            "Ready",
+            true,
+            "Issued",
+            &format!("key {key_id} (revision {revision}) is in Secret {name}"),
+            generation,
+        ),
+    }
     set_condition(
         &mut status.conditions,
         "Issuing",
@@ -849,7 +895,84 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         .await;
         return Err(Error::Provider(ProviderError::Unavailable(message)));
     }
-    Ok(next_wake(&*key, &status))
+    let next_inspection = api
+        .capabilities()
+        .inspect
+        .then(|| lifecycle::next_inspection(&status, &rotation))
+        .flatten();
+    Ok(next_wake(&*key, &status, next_inspection))
+}
+
+/// The request for a new key: the spec's shape and description, the marker, and the
+/// key it replaces (for providers that rotate natively).
+fn issue_request<K: ManagedKey>(
+    key: &K,
+    rotation: &Rotation,
+    status: &KeyStatus,
+    attempt_id: &str,
+    lifetime: Option<Duration>,
+    trigger: Option<Trigger>,
+) -> IssueRequest {
+    let overlap = match trigger {
+        Some(t) if t.retire_with_overlap() => lifecycle::overlap(rotation),
+        _ => Duration::ZERO,
+    };
+    IssueRequest {
+        marker: lifecycle::marker(&key.uid().unwrap_or_default(), attempt_id),
+        description: key.description().map(str::to_owned),
+        lifetime,
+        shape: key.shape(),
+        previous: status.key_id.clone(),
+        overlap,
+    }
+}
+
+/// Asks the upstream whether the current key still works, when the inspect interval
+/// has passed (providers that can tell). A key found unusable is marked in
+/// `status.invalid`; the trigger chain decides whether it is reissued. A failed
+/// inspection is logged and tried again at the next interval: it says nothing about
+/// the key.
+async fn inspect<K: ManagedKey>(
+    ctx: &Context,
+    key: &K,
+    api: &dyn KeyApi,
+    status: &mut KeyStatus,
+    rotation: &Rotation,
+) {
+    if !api.capabilities().inspect {
+        return;
+    }
+    let now = Timestamp::now();
+    let (Some(due), Some(id)) = (
+        lifecycle::next_inspection(status, rotation),
+        status.key_id.clone(),
+    ) else {
+        return;
+    };
+    if due > now {
+        return;
+    }
+    match api.inspect(&id).await {
+        Ok(KeyState::Valid | KeyState::Unknown) => {}
+        Ok(state) => {
+            let state = format!("{state:?}");
+            info!(kind = K::KIND, name = %key.name_any(), key_id = %id, state = %state, "upstream reports the key as no longer usable");
+            publish(
+                ctx,
+                key,
+                EventType::Warning,
+                "KeyInvalid",
+                format!("the upstream reports key {id} as {state}"),
+            )
+            .await;
+            status.invalid = Some(state);
+        }
+        Err(e) => {
+            metrics::global().failed(&KeyRef::of(key), "inspect");
+            warn!(kind = K::KIND, name = %key.name_any(), key_id = %id, error = %e, "inspecting the key failed; trying again at the next interval");
+        }
+    }
+    status.last_inspected_at = Some(Time(Timestamp::from_second(now.as_second()).unwrap_or(now)));
 }
 
 /// Issues a new key and writes it to the Secret, persisting the attempt first.
@@ -884,14 +1007,9 @@ async fn issue<K: ManagedKey>(
     write_status(keys, key, status).await?;
     ctx.crash_at(CrashPoint::BeforeUpstream)?;
 
-    let issued = api
-        .issue(&IssueRequest {
-            marker: marker.clone(),
-            description: key.description().map(str::to_owned),
-            lifetime,
-            shape: key.shape(),
-        })
-        .await?;
+    let rotation = key.rotation().cloned().unwrap_or_default();
+    let request = issue_request(key, &rotation, status, &attempt_id, lifetime, Some(trigger));
+    let issued = api.issue(&request).await?;
     ctx.crash_at(CrashPoint::AfterUpstream)?;
 
     let revision = status.revision.unwrap_or(0) + 1;
@@ -938,7 +1056,6 @@ async fn issue<K: ManagedKey>(
         .await?;
     ctx.crash_at(CrashPoint::AfterSecretWrite)?;
 
-    let rotation = key.rotation().cloned().unwrap_or_default();
     let previous = status.key_id.clone();
     complete(
         key,
@@ -992,8 +1109,13 @@ async fn delete_owned_secret<K: ManagedKey>(
     Ok(())
 }
 
-/// Requeue exactly when something is due: renewal, or the end of an overlap.
-fn next_wake<K: ManagedKey>(key: &K, status: &KeyStatus) -> Action {
+/// Requeue exactly when something is due: renewal, the end of an overlap, expiry or
+/// the next inspection.
+fn next_wake<K: ManagedKey>(
+    key: &K,
+    status: &KeyStatus,
+    next_inspection: Option<Timestamp>,
+) -> Action {
     let now = Timestamp::now();
     let due = status
         .retiring
@@ -1001,6 +1123,7 @@ fn next_wake<K: ManagedKey>(key: &K, status: &KeyStatus) -> Action {
         .map(|r| r.revoke_at.0)
         .chain(status.renewal_time.as_ref().map(|t| t.0))
         .chain(status.expires_at.as_ref().map(|t| t.0))
+        .chain(next_inspection)
         .min();
     match due {
         Some(at) => {
@@ -1229,23 +1352,33 @@ async fn run_kind<K: ManagedKey>(
         .await;
 }
 
-/// Runs both key controllers until `shutdown` resolves: once for all namespaces, or
-/// once per namespace of `settings.namespaces` (each with its own watches and
-/// `concurrency`; `ClusterKeyProvider`s are watched by each).
-pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
-    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    // A namespace listed twice must not get two controllers reconciling its keys.
-    let listed: std::collections::BTreeSet<&String> = ctx.settings.namespaces.iter().collect();
-    let namespaces: Vec<Option<String>> = if listed.is_empty() {
+/// The namespaces to run controllers for: `None` (all), or each listed one once — a
+/// namespace listed twice must not get two controllers reconciling its keys.
+pub(crate) fn watched_namespaces(settings: &Settings) -> Vec<Option<String>> {
+    let listed: std::collections::BTreeSet<&String> = settings.namespaces.iter().collect();
+    if listed.is_empty() {
         vec![None]
     } else {
         listed.into_iter().cloned().map(Some).collect()
-    };
-    let controllers = namespaces.into_iter().flat_map(|ns| {
-        [
-            run_kind::<AuthKey>(ctx.clone(), ns.clone(), shutdown.clone()).boxed(),
-            run_kind::<ServiceAccountKey>(ctx.clone(), ns, shutdown.clone()).boxed(),
-        ]
-    });
-    futures::future::join_all(controllers).await;
+    }
+}
+
+/// Runs both key controllers and the provider status controllers until `shutdown`
+/// resolves: once for all namespaces, or once per namespace of `settings.namespaces`
+/// (each with its own watches and `concurrency`; `ClusterKeyProvider`s are watched by
+/// each).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let controllers = watched_namespaces(&ctx.settings)
+        .into_iter()
+        .flat_map(|ns| {
+            [
+                run_kind::<AuthKey>(ctx.clone(), ns.clone(), shutdown.clone()).boxed(),
+                run_kind::<ServiceAccountKey>(ctx.clone(), ns, shutdown.clone()).boxed(),
+            ]
+        });
+    futures::join!(
+        futures::future::join_all(controllers),
+        crate::provider_status::run(ctx, shutdown),
+    );
 }

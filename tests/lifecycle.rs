@@ -9,7 +9,7 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
     reconciler::{self, Context, CrashPoint, Settings},
-    resources::{AuthKey, KeyStatus, ServiceAccountKey},
+    resources::{AuthKey, KeyProvider, KeyStatus, ServiceAccountKey},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -642,6 +642,37 @@ async fn bad_references_say_what_to_create_or_fix() {
     );
     assert_eq!(h.upstream.issued(), 0);
 
+    // The providers say the same about themselves.
+    let providers: Api<KeyProvider> = Api::namespaced(h.client.clone(), &h.ns.name);
+    let provider_ready = |name: &'static str| {
+        let providers = providers.clone();
+        eventually("provider status", WAIT, move || {
+            let providers = providers.clone();
+            async move {
+                let status = providers.get(name).await.ok()?.status?;
+                let ready = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == "Ready")?
+                    .clone();
+                Some((status.provider_type?, ready))
+            }
+        })
+    };
+    let (kind, ready) = provider_ready("ts").await;
+    assert_eq!(
+        (kind.as_str(), ready.status.as_str()),
+        ("tailscale", "False")
+    );
+    assert_eq!(ready.reason, "CredentialsNotFound");
+    assert!(
+        ready.message.contains("ts-credentials"),
+        "{}",
+        ready.message
+    );
+    let (kind, ready) = provider_ready("keys").await;
+    assert_eq!((kind.as_str(), ready.status.as_str()), ("builtin", "True"));
+
     // A key that never issued anything is deleted without its provider.
     h.keys()
         .delete("no-provider", &DeleteParams::default())
@@ -731,4 +762,66 @@ async fn policy_refuses_before_anything_is_issued() {
     assert_eq!(status.key_id.as_deref(), Some(ok.as_str()));
     assert!(!h.upstream.key(&ok).unwrap().revoked);
     assert_eq!(h.upstream.issued(), issued);
+}
+
+#[tokio::test]
+async fn a_key_revoked_upstream_is_found_by_inspection_and_replaced_unless_told_not_to() {
+    let h = Harness::new("inspect").await;
+    let spec = |reissue: bool| {
+        json!({
+            "providerRef": {"name": "keys"},
+            "rotation": {"inspectInterval": "10s", "reissueWhenInvalid": reissue}
+        })
+    };
+    h.create("replaced", spec(true)).await;
+    h.create("left", spec(false)).await;
+    let replaced = h.ready("replaced").await;
+    let left = h.ready("left").await;
+    let calls = h.upstream.calls.load(Ordering::SeqCst);
+
+    // Revoked "in the console": the upstream says so when asked.
+    for id in [&replaced, &left].map(|s| s.key_id.clone().unwrap()) {
+        h.upstream
+            .keys
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .unwrap()
+            .revoked = true;
+    }
+    let renewed = h
+        .status_where("replaced", "a new key after inspection", |s| {
+            s.revision == Some(2) && s.attempt.is_none()
+        })
+        .await;
+    assert_ne!(renewed.key_id, replaced.key_id);
+    assert!(
+        h.upstream
+            .key(renewed.key_id.as_deref().unwrap())
+            .is_some_and(|k| !k.revoked)
+    );
+    let secret = h.secret_value("replaced", "key").await;
+    assert_eq!(
+        secret,
+        h.upstream
+            .key(renewed.key_id.as_deref().unwrap())
+            .unwrap()
+            .value
+    );
+
+    let flagged = h
+        .status_where("left", "Ready=False KeyInvalid", |s| {
+            condition(s, "Ready").is_some_and(|c| c.1 == "KeyInvalid")
+        })
+        .await;
+    let (status, _, message) = condition(&flagged, "Ready").unwrap();
+    assert_eq!(status, "False");
+    assert!(
+        message.contains("Revoked") && message.contains("reissueWhenInvalid is false"),
+        "{message}"
+    );
+    assert_eq!(flagged.revision, Some(1), "not reissued");
+    // Inspection is low-rate: a handful of calls, not a poll loop.
+    let used = h.upstream.calls.load(Ordering::SeqCst) - calls;
+    assert!(used <= 8, "{used} upstream calls");
 }

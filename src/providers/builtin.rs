@@ -80,11 +80,16 @@ impl KeyApi for Builtin {
         let expires_at = match request.lifetime {
             Some(lifetime) => Some(
                 created_at
-                    .checked_add(
-                        jiff::SignedDuration::try_from(lifetime)
-                            .map_err(|_| ProviderError::Refused("expiry is too long".to_owned()))?,
-                    )
-                    .map_err(|_| ProviderError::Refused("expiry is too long".to_owned()))?,
+                    .checked_add(jiff::SignedDuration::try_from(lifetime).map_err(|_| {
+                        ProviderError::Refused {
+                            reason: "ExpiryOutOfRange",
+                            message: "spec.expiry is too long".to_owned(),
+                        }
+                    })?)
+                    .map_err(|_| ProviderError::Refused {
+                        reason: "ExpiryOutOfRange",
+                        message: "spec.expiry is too long".to_owned(),
+                    })?,
             ),
             None => None,
         };
@@ -125,6 +130,8 @@ mod tests {
             description: None,
             lifetime: Some(std::time::Duration::from_secs(3600)),
             shape: KeyShape::default(),
+            previous: None,
+            overlap: std::time::Duration::ZERO,
         }
     }
 

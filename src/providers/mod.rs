@@ -5,13 +5,20 @@
 //! on the next reconcile without any cache to invalidate.
 
 mod builtin;
+pub mod transport;
 
-use std::{collections::BTreeMap, fmt, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use builtin::Builtin;
+pub use transport::{TokenCache, Transport};
 
 use crate::resources::{ClusterKeyProviderSpec, KeyProviderSpec, Tag};
 
@@ -62,6 +69,11 @@ pub struct IssueRequest {
     /// Requested lifetime; `None` means the provider's default.
     pub lifetime: Option<Duration>,
     pub shape: KeyShape,
+    /// The key this one replaces, if any: providers that rotate natively (Prefect's
+    /// `rotate_api_key`) rotate it, keeping it valid for `overlap`.
+    pub previous: Option<String>,
+    /// How long the previous key stays valid after the switch.
+    pub overlap: Duration,
 }
 
 /// A key as the provider returned it.
@@ -106,9 +118,13 @@ pub struct Capabilities {
 /// Why a provider call failed. Messages never contain key values.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ProviderError {
-    /// The request is not something this provider can issue; retrying will not help.
-    #[error("{0}")]
-    Refused(String),
+    /// The upstream refused the request (e.g. a tag the credential may not use);
+    /// retrying the same request will not help. `reason` becomes the condition reason.
+    #[error("{message}")]
+    Refused {
+        reason: &'static str,
+        message: String,
+    },
     /// The upstream failed or could not be reached; retry with backoff.
     #[error("{0}")]
     Unavailable(String),
@@ -117,10 +133,26 @@ pub enum ProviderError {
     Misconfigured(String),
 }
 
+/// A request a provider will not send upstream, found before anything is issued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// A condition reason, e.g. `DescriptionTooLong`.
+    pub reason: &'static str,
+    /// What to change, naming the spec field.
+    pub message: String,
+}
+
 /// One key API.
 #[async_trait]
 pub trait KeyApi: Send + Sync {
     fn capabilities(&self) -> Capabilities;
+    /// Refuses a request the upstream would refuse, before anything is issued (limits
+    /// the provider knows that the schema cannot check, e.g. description length next
+    /// to the marker). Lifetime bounds come from [`Capabilities`] and are checked by
+    /// the reconciler.
+    fn check(&self, _request: &IssueRequest) -> Result<(), Refusal> {
+        Ok(())
+    }
     /// Creates a key carrying `request.marker` upstream.
     async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError>;
     /// Revokes a key; a key that is already gone is success.
@@ -134,6 +166,9 @@ pub trait KeyApi: Send + Sync {
 /// The provider settings a key resolved to, whichever kind holds them.
 #[derive(Clone, Debug)]
 pub struct ResolvedProvider {
+    /// `KeyProvider/<ns>/<name>` or `ClusterKeyProvider/<name>`: what state shared
+    /// across reconciles (request budget, cached tokens) is kept under.
+    pub id: String,
     /// `KeyProvider/<ns>/<name>` or `ClusterKeyProvider/<name>`, for messages.
     pub display: String,
     pub spec: KeyProviderSpec,
@@ -155,8 +190,40 @@ pub trait ProviderFactory: Send + Sync {
     async fn build(&self, provider: &ResolvedProvider) -> Result<Arc<dyn KeyApi>, ProviderError>;
 }
 
-/// The providers keyward ships.
-pub struct DefaultFactory;
+/// What a provider resource keeps across reconciles: its request budget and retry
+/// state, and a cached access token where the upstream uses OAuth.
+pub struct Shared {
+    pub transport: Transport,
+    pub tokens: TokenCache,
+}
+
+/// The providers keyward ships. Keeps one [`Shared`] per provider resource, replaced
+/// when the provider's spec changes.
+#[derive(Default)]
+pub struct DefaultFactory {
+    shared: Mutex<HashMap<String, (String, Arc<Shared>)>>,
+}
+
+impl DefaultFactory {
+    fn shared(&self, provider: &ResolvedProvider) -> Arc<Shared> {
+        let spec_digest = serde_json::to_string(&provider.spec).unwrap_or_default();
+        let mut all = self.shared.lock().expect("provider state lock");
+        match all.get(&provider.id) {
+            Some((digest, shared)) if *digest == spec_digest => shared.clone(),
+            _ => {
+                let shared = Arc::new(Shared {
+                    transport: Transport::new(
+                        provider_type(&provider.spec),
+                        provider.spec.rate_limit.as_ref(),
+                    ),
+                    tokens: TokenCache::default(),
+                });
+                all.insert(provider.id.clone(), (spec_digest, shared.clone()));
+                shared
+            }
+        }
+    }
+}
 
 #[async_trait]
 impl ProviderFactory for DefaultFactory {
@@ -165,6 +232,7 @@ impl ProviderFactory for DefaultFactory {
         if let Some(builtin) = &spec.builtin {
             return Ok(Arc::new(Builtin::new(builtin)));
         }
+        let _shared = self.shared(provider);
         let kind = provider_type(spec);
         Err(ProviderError::Misconfigured(format!(
             "{}: provider type {kind} is not implemented in this keyward version; use builtin",

@@ -366,4 +366,8 @@ pub struct KeyStatus {
     /// When the upstream was last asked whether the current key is still valid.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_inspected_at: Option<Time>,
+    /// Set when the upstream said the current key no longer works (`UsedUp`,
+    /// `Revoked`, `Expired`); cleared when a new key is issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
 }

@@ -1,0 +1,246 @@
+//! Emulators of the upstream key APIs keyward talks to, for tests.
+//!
+//! Each emulator follows its provider's published API (paths, fields, status codes)
+//! and runs as a real HTTP server on `127.0.0.1:0`, so keyward's real provider code —
+//! HTTP client, retries, rate limiting — is what the tests exercise. This module holds
+//! the parts every emulator shares:
+//!
+//! - [`Server`]: the listening server; dropping it stops it.
+//! - [`Faults`]: fault injection in front of every route — queued 429s (with or without
+//!   `Retry-After`), 5xx responses, malformed bodies, and a response delay — and a log
+//!   of every request, so tests can count what reached the upstream.
+//!
+//! Emulators are test support, not second products: small, strict where the real API
+//! is strict, and explicit (in their docs) about what the published documentation
+//! leaves open.
+
+pub mod tailscale;
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::{HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// A running emulator. Dropping it stops the server.
+pub struct Server {
+    base_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Server {
+    /// Serves `router` on a free port of 127.0.0.1, behind `faults`.
+    pub async fn start(router: Router, faults: Arc<Faults>) -> std::io::Result<Self> {
+        let router = router.layer(middleware::from_fn_with_state(faults, fault_layer));
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let base_url = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            base_url,
+            stop: Some(stop),
+            task,
+        })
+    }
+
+    /// `http://127.0.0.1:<port>`, without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base_url
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        // Open keep-alive connections would hold a graceful shutdown open.
+        self.task.abort();
+    }
+}
+
+/// One injected failure, served instead of the real response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 429 Too Many Requests, with `Retry-After: <seconds>` when given.
+    TooManyRequests { retry_after: Option<u64> },
+    /// A 5xx (or any) status with a `{"message"}` body.
+    Status(u16),
+    /// 200 with a body that is not the JSON the endpoint documents.
+    MalformedBody,
+}
+
+/// One request as the emulator saw it.
+#[derive(Clone, Debug)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// Whether an injected fault answered it.
+    pub faulted: bool,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct FaultState {
+    /// Faults served in order, each to the next request whose path contains `.1`.
+    queue: VecDeque<(Fault, Option<String>)>,
+    delay: Duration,
+    log: Vec<RequestRecord>,
+}
+
+/// Fault injection and the request log, shared by an emulator's routes.
+#[derive(Default)]
+pub struct Faults {
+    state: Mutex<FaultState>,
+}
+
+impl Faults {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Serves `fault` to the next `times` requests (whose path contains `path`, when
+    /// given), before anything queued later.
+    pub fn inject(&self, fault: Fault, times: usize, path: Option<&str>) {
+        let mut state = self.state.lock().unwrap();
+        for _ in 0..times {
+            state
+                .queue
+                .push_back((fault.clone(), path.map(str::to_owned)));
+        }
+    }
+
+    /// Faults still waiting for a request.
+    pub fn pending(&self) -> usize {
+        self.state.lock().unwrap().queue.len()
+    }
+
+    /// Drops every queued fault.
+    pub fn clear(&self) {
+        self.state.lock().unwrap().queue.clear();
+    }
+
+    /// Delays every response by `delay` (zero: no delay).
+    pub fn set_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().delay = delay;
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.state.lock().unwrap().log.clone()
+    }
+
+    /// Requests whose method is `method` (any, when empty) and path contains `path`.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .log
+            .iter()
+            .filter(|r| (method.is_empty() || r.method == method) && r.path.contains(path))
+            .count()
+    }
+
+    /// Forgets the request log (queued faults stay).
+    pub fn reset_log(&self) {
+        self.state.lock().unwrap().log.clear();
+    }
+
+    fn take(&self, path: &str) -> (Option<Fault>, Duration) {
+        let mut state = self.state.lock().unwrap();
+        let position = state
+            .queue
+            .iter()
+            .position(|(_, only)| only.as_deref().is_none_or(|p| path.contains(p)));
+        let fault = position.and_then(|i| state.queue.remove(i)).map(|(f, _)| f);
+        (fault, state.delay)
+    }
+
+    fn record(&self, method: String, path: String, status: u16, faulted: bool) {
+        self.state.lock().unwrap().log.push(RequestRecord {
+            method,
+            path,
+            status,
+            faulted,
+            at: Instant::now(),
+        });
+    }
+}
+
+/// `{"message": …}`, the error body shape the emulated APIs share.
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        axum::Json(serde_json::json!({ "message": message.into() })),
+    )
+        .into_response()
+}
+
+async fn fault_layer(State(faults): State<Arc<Faults>>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request.uri().path().to_owned();
+    let (fault, delay) = faults.take(&path);
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let faulted = fault.is_some();
+    let response = match fault {
+        None => next.run(request).await,
+        Some(Fault::TooManyRequests { retry_after }) => {
+            let mut response = error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            if let Some(seconds) = retry_after {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_str(&seconds.to_string()).expect("digits"),
+                );
+            }
+            response
+        }
+        Some(Fault::Status(code)) => error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            "internal server error",
+        ),
+        Some(Fault::MalformedBody) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            "{\"id\": \"k12",
+        )
+            .into_response(),
+    };
+    faults.record(method, path, response.status().as_u16(), faulted);
+    response
+}
+
+/// Random letters and digits, from the OS RNG.
+pub fn random_alnum(len: usize) -> String {
+    const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
+    let mut out = String::with_capacity(len);
+    while out.len() < len {
+        let mut buf = [0u8; 32];
+        getrandom::fill(&mut buf).expect("operating system RNG");
+        for b in buf {
+            // 248 = 4 × 62: rejection sampling keeps characters uniform.
+            if b < 248 && out.len() < len {
+                out.push(CHARS[usize::from(b % 62)] as char);
+            }
+        }
+    }
+    out
+}

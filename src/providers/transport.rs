@@ -1,0 +1,497 @@
+//! How providers talk to upstream key APIs: one [`Transport`] per provider resource,
+//! shared by every key that uses it and kept across reconciles.
+//!
+//! It owns the provider's request budget (a token bucket from `spec.rateLimit`) and
+//! the retry policy. A 429 pauses the whole budget until its `Retry-After` (or a
+//! backoff when the header is missing), so a rotation wave of many keys waits
+//! together instead of turning into a retry storm. 5xx answers and connection
+//! failures are retried with jittered exponential backoff, a bounded number of times;
+//! what is still failing then is returned as [`ProviderError::Unavailable`] and the
+//! reconciler's own per-key backoff takes over.
+
+use std::{
+    future::Future,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use serde::de::DeserializeOwned;
+use tracing::debug;
+
+use super::{ProviderError, SecretValue};
+use crate::resources::RateLimit;
+
+/// Attempts per request (the first one included).
+const MAX_ATTEMPTS: u32 = 5;
+/// First backoff; doubles per attempt, with up to half of it added as jitter.
+const BASE_BACKOFF: Duration = Duration::from_millis(250);
+/// No single wait inside one request is longer than this; a longer `Retry-After`
+/// ends the request as `Unavailable` and the per-key backoff retries later.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Per-request timeout (connect + answer).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default budget when the provider sets no `rateLimit`: generous for one operator,
+/// well below what key APIs tolerate.
+const DEFAULT_PER_MINUTE: u32 = 600;
+const DEFAULT_BURST: u32 = 10;
+
+/// An answer that is not a retryable failure: 2xx, and 4xx other than 429.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+
+    /// Parses the body. A body that does not parse is an upstream fault; the error
+    /// says where parsing failed but never echoes the body, which may hold a key.
+    pub fn json<T: DeserializeOwned>(&self, what: &str) -> Result<T, ProviderError> {
+        serde_json::from_slice(&self.body).map_err(|e| {
+            ProviderError::Unavailable(format!(
+                "malformed response to {what} (HTTP {}): {} at line {} column {}",
+                self.status,
+                category(&e),
+                e.line(),
+                e.column()
+            ))
+        })
+    }
+
+    /// The upstream's own error message (`{"message": …}`, or `error` /
+    /// `error_description` / `detail`), trimmed, or the status code. Error bodies of
+    /// key APIs describe the request, never a key value.
+    pub fn message(&self) -> String {
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(&self.body).ok();
+        let text = parsed.as_ref().and_then(|v| {
+            ["message", "error_description", "detail", "error"]
+                .iter()
+                .find_map(|k| v.get(*k).and_then(|m| m.as_str()).map(str::to_owned))
+        });
+        match text {
+            Some(t) => {
+                let t: String = t.chars().take(300).collect();
+                format!("HTTP {}: {t}", self.status)
+            }
+            None => format!("HTTP {}", self.status),
+        }
+    }
+}
+
+fn category(e: &serde_json::Error) -> &'static str {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Io => "I/O error",
+        Category::Syntax => "not valid JSON",
+        Category::Data => "unexpected fields or types",
+        Category::Eof => "truncated JSON",
+    }
+}
+
+/// The request budget: a token bucket, plus a pause shared by every caller after a 429.
+struct Budget {
+    per_second: f64,
+    burst: f64,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    tokens: f64,
+    refilled: Instant,
+    paused_until: Option<Instant>,
+}
+
+impl Budget {
+    fn new(limit: Option<&RateLimit>) -> Self {
+        let per_minute = limit.map_or(DEFAULT_PER_MINUTE, |l| l.requests_per_minute);
+        let burst = limit.and_then(|l| l.burst).unwrap_or(DEFAULT_BURST);
+        Self {
+            per_second: f64::from(per_minute.max(1)) / 60.0,
+            burst: f64::from(burst.max(1)),
+            state: Mutex::new(BudgetState {
+                tokens: f64::from(burst.max(1)),
+                refilled: Instant::now(),
+                paused_until: None,
+            }),
+        }
+    }
+
+    /// Takes one token, or says how long to wait before asking again.
+    fn try_take(&self, now: Instant) -> Result<(), Duration> {
+        let mut s = self.state.lock().expect("budget lock");
+        if let Some(until) = s.paused_until {
+            if until > now {
+                return Err(until - now);
+            }
+            s.paused_until = None;
+        }
+        let elapsed = now.saturating_duration_since(s.refilled).as_secs_f64();
+        s.tokens = (s.tokens + elapsed * self.per_second).min(self.burst);
+        s.refilled = now;
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - s.tokens) / self.per_second))
+        }
+    }
+
+    async fn take(&self) {
+        loop {
+            match self.try_take(Instant::now()) {
+                Ok(()) => return,
+                Err(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+    }
+
+    /// Every caller of this provider waits until `until` (the upstream said so).
+    fn pause(&self, until: Instant) {
+        let mut s = self.state.lock().expect("budget lock");
+        s.paused_until = Some(s.paused_until.map_or(until, |u| u.max(until)));
+    }
+}
+
+/// The HTTP side of one provider resource.
+pub struct Transport {
+    provider: &'static str,
+    client: reqwest::Client,
+    budget: Budget,
+}
+
+/// What one attempt ended in.
+enum Outcome {
+    Done(Reply),
+    Retry {
+        why: String,
+        retry_after: Option<Duration>,
+    },
+}
+
+impl Transport {
+    /// `provider` is the provider type (`tailscale`, …), used in metrics and messages.
+    pub fn new(provider: &'static str, limit: Option<&RateLimit>) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .user_agent(concat!("keyward/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("building the HTTP client");
+        Self {
+            provider,
+            client,
+            budget: Budget::new(limit),
+        }
+    }
+
+    /// Sends the request `build` makes (called again for every attempt), within the
+    /// budget, retrying 429, 5xx and connection failures. Returns 2xx and 4xx answers
+    /// for the provider to interpret.
+    pub async fn send(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<Reply, ProviderError> {
+        let mut last = String::new();
+        for attempt in 0..MAX_ATTEMPTS {
+            self.budget.take().await;
+            let started = Instant::now();
+            let outcome = self.attempt(build(&self.client)).await;
+            let code = match &outcome {
+                Outcome::Done(r) => r.status.to_string(),
+                // "429 …", "503 …", or "error: …" for transport failures.
+                Outcome::Retry { why, .. } => {
+                    why.split([' ', ':']).next().unwrap_or("error").to_owned()
+                }
+            };
+            record(self.provider, operation, &code, started.elapsed());
+            match outcome {
+                Outcome::Done(reply) => return Ok(reply),
+                Outcome::Retry { why, retry_after } => {
+                    let wait = retry_after.unwrap_or_else(|| backoff(attempt));
+                    debug!(provider = self.provider, operation, attempt, reason = %why, wait = ?wait, "upstream asked to retry");
+                    last = why;
+                    if retry_after.is_some() {
+                        // The upstream throttles the credential, not one key: every
+                        // caller of this provider waits (the next `take` sleeps).
+                        self.budget.pause(Instant::now() + wait);
+                    }
+                    if attempt + 1 == MAX_ATTEMPTS || wait > MAX_WAIT {
+                        break;
+                    }
+                    if retry_after.is_none() {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        Err(ProviderError::Unavailable(format!(
+            "{} {operation}: {last}",
+            self.provider
+        )))
+    }
+
+    async fn attempt(&self, request: reqwest::RequestBuilder) -> Outcome {
+        let response = match request.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Retry {
+                    why: format!("error: {}", transport_error(&e)),
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_retry_after);
+        let body = match response.bytes().await {
+            Ok(b) => b.to_vec(),
+            Err(e) => {
+                return Outcome::Retry {
+                    why: format!("error: reading the answer: {}", transport_error(&e)),
+                    retry_after: None,
+                };
+            }
+        };
+        let reply = Reply { status, body };
+        if status == 429 {
+            return Outcome::Retry {
+                why: format!("429 rate limited ({})", reply.message()),
+                // Without Retry-After a 429 still pauses everyone, for one backoff.
+                retry_after: Some(retry_after.unwrap_or(BASE_BACKOFF * 4)),
+            };
+        }
+        if status >= 500 {
+            return Outcome::Retry {
+                why: format!("{status} upstream failure ({})", reply.message()),
+                retry_after,
+            };
+        }
+        Outcome::Done(reply)
+    }
+}
+
+/// One upstream request, for metrics and debug logs.
+fn record(provider: &str, operation: &str, code: &str, took: Duration) {
+    crate::metrics::global().upstream_request(provider, operation, code, took.as_secs_f64());
+    debug!(
+        provider,
+        operation,
+        code,
+        seconds = took.as_secs_f64(),
+        "upstream request"
+    );
+}
+
+/// The kind of transport failure, without URLs (they may carry credentials in
+/// templated providers).
+fn transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "broken response body"
+    } else {
+        "request failed"
+    };
+    match e.url() {
+        Some(url) => format!("{kind} ({}://{})", url.scheme(), url.authority()),
+        None => kind.to_owned(),
+    }
+}
+
+/// `Retry-After` in seconds (the HTTP-date form is accepted as "now").
+fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    value
+        .parse::<f64>()
+        .ok()
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(Duration::from_secs_f64)
+}
+
+/// Exponential backoff from [`BASE_BACKOFF`] with up to 50% random jitter.
+fn backoff(attempt: u32) -> Duration {
+    let base = BASE_BACKOFF * 2u32.pow(attempt.min(6));
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    base + base.mul_f64(f64::from(byte[0]) / 255.0 / 2.0)
+}
+
+/// A cached OAuth access token, refreshed before it expires and discarded when the
+/// credential it came from changes.
+#[derive(Default)]
+pub struct TokenCache {
+    cached: tokio::sync::Mutex<Option<Cached>>,
+}
+
+struct Cached {
+    fingerprint: String,
+    token: SecretValue,
+    refresh_at: Instant,
+}
+
+impl TokenCache {
+    /// The cached token for the credential with `fingerprint`, or a new one from
+    /// `fetch` (which returns the token and how long it is valid). Concurrent callers
+    /// wait for one fetch.
+    pub async fn get<F, Fut>(
+        &self,
+        fingerprint: &str,
+        fetch: F,
+    ) -> Result<SecretValue, ProviderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<(SecretValue, Duration), ProviderError>>,
+    {
+        let mut cached = self.cached.lock().await;
+        if let Some(c) = cached.as_ref()
+            && c.fingerprint == fingerprint
+            && Instant::now() < c.refresh_at
+        {
+            return Ok(c.token.clone());
+        }
+        let (token, valid_for) = fetch().await?;
+        // Refresh with a tenth of the lifetime (at most 5 minutes) to spare.
+        let margin = (valid_for / 10).min(Duration::from_secs(300));
+        *cached = Some(Cached {
+            fingerprint: fingerprint.to_owned(),
+            token: token.clone(),
+            refresh_at: Instant::now() + valid_for.saturating_sub(margin),
+        });
+        Ok(token)
+    }
+
+    /// Forgets the token (the upstream answered 401 with it).
+    pub async fn invalidate(&self) {
+        *self.cached.lock().await = None;
+    }
+}
+
+/// A fingerprint of a credential, to notice that it changed without keeping it.
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_allows_a_burst_then_paces() {
+        let budget = Budget::new(Some(&RateLimit {
+            requests_per_minute: 60,
+            burst: Some(2),
+        }));
+        let now = Instant::now();
+        assert!(budget.try_take(now).is_ok());
+        assert!(budget.try_take(now).is_ok());
+        let wait = budget.try_take(now).unwrap_err();
+        assert!(wait <= Duration::from_secs(1) && wait > Duration::from_millis(900));
+        assert!(budget.try_take(now + Duration::from_secs(1)).is_ok());
+    }
+
+    #[test]
+    fn a_pause_holds_every_caller() {
+        let budget = Budget::new(None);
+        let now = Instant::now();
+        budget.pause(now + Duration::from_secs(3));
+        let wait = budget.try_take(now).unwrap_err();
+        assert_eq!(wait, Duration::from_secs(3));
+        assert!(budget.try_take(now + Duration::from_secs(3)).is_ok());
+    }
+
+    #[test]
+    fn every_attempt_is_counted_in_the_metrics() {
+        record("transport-test", "issue", "503", Duration::from_millis(30));
+        let text = crate::metrics::global().encode();
+        let series = r#"{provider="transport-test",operation="issue",code="503"}"#;
+        assert!(
+            text.contains(&format!("keyward_upstream_requests_total{series} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "keyward_upstream_request_duration_seconds_count{series} 1"
+            )),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        assert_eq!(parse_retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+
+    #[test]
+    fn backoff_grows_with_bounded_jitter() {
+        for attempt in 0..4 {
+            let base = BASE_BACKOFF * 2u32.pow(attempt);
+            let b = backoff(attempt);
+            assert!(b >= base && b <= base + base / 2, "{attempt}: {b:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_bodies_are_described_not_echoed() {
+        let reply = Reply {
+            status: 200,
+            body: br#"{"key": "tskey-auth-secret"#.to_vec(),
+        };
+        let err = reply.json::<serde_json::Value>("create key").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("malformed response to create key"), "{text}");
+        assert!(!text.contains("tskey"), "{text}");
+    }
+
+    #[test]
+    fn upstream_messages_are_surfaced() {
+        let reply = Reply {
+            status: 400,
+            body: br#"{"message": "requested tags [tag:x] are invalid or not permitted"}"#.to_vec(),
+        };
+        assert_eq!(
+            reply.message(),
+            "HTTP 400: requested tags [tag:x] are invalid or not permitted"
+        );
+    }
+
+    #[tokio::test]
+    async fn tokens_are_fetched_once_and_refetched_when_the_credential_changes() {
+        let cache = TokenCache::default();
+        let fetches = std::sync::atomic::AtomicU32::new(0);
+        let fetch = || async {
+            fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok((SecretValue::new("t".into()), Duration::from_secs(3600)))
+        };
+        cache.get("a", fetch).await.unwrap();
+        cache.get("a", fetch).await.unwrap();
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+        cache.get("b", fetch).await.unwrap();
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
+        cache.invalidate().await;
+        cache.get("b", fetch).await.unwrap();
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
+}
