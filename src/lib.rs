@@ -5,10 +5,14 @@
 
 pub mod control_plane;
 pub mod crds;
+pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod policy;
 pub mod provider_status;
 pub mod providers;
+pub mod ratelimit;
 pub mod reconciler;
 pub mod resources;
 pub mod secret;
+pub mod server;

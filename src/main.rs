@@ -2,10 +2,11 @@
 
 mod dev;
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::FutureExt;
 
 #[derive(Parser)]
 #[command(
@@ -27,24 +28,7 @@ enum Command {
         out_dir: Option<PathBuf>,
     },
     /// Run the operator: the controllers for AuthKey and ServiceAccountKey.
-    Run {
-        /// Namespace of the operator: where ClusterKeyProvider credential Secrets live.
-        #[arg(
-            long,
-            env = "KEYWARD_OPERATOR_NAMESPACE",
-            default_value = "keyward-system"
-        )]
-        operator_namespace: String,
-        /// Watch only this namespace (default: all namespaces).
-        #[arg(long, env = "KEYWARD_WATCH_NAMESPACE")]
-        namespace: Option<String>,
-        /// Reconciles running at once, per kind.
-        #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 4)]
-        concurrency: u16,
-        /// Log format: text or json.
-        #[arg(long, env = "KEYWARD_LOG_FORMAT", default_value = "text")]
-        log_format: String,
-    },
+    Run(RunArgs),
     /// Try keyward on this machine: a local control plane, the builtin provider, the
     /// controller and the quickstart keys; runs until Ctrl-C.
     Dev {
@@ -62,15 +46,87 @@ enum Command {
     },
 }
 
+/// `keyward run`: every flag is also an environment variable `KEYWARD_<FLAG>`.
+#[derive(Args)]
+struct RunArgs {
+    /// Namespace of the operator: where ClusterKeyProvider credential Secrets and the
+    /// leader Lease live.
+    #[arg(
+        long,
+        env = "KEYWARD_OPERATOR_NAMESPACE",
+        default_value = "keyward-system"
+    )]
+    operator_namespace: String,
+    /// Watch only these namespaces, comma-separated (default: all namespaces).
+    #[arg(long, env = "KEYWARD_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Reconciles running at once, per kind (and per watched namespace).
+    #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 4)]
+    concurrency: u16,
+    /// Log format.
+    #[arg(long, env = "KEYWARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter (`info`, `debug`, `keyward=debug,kube=info`); RUST_LOG wins
+    /// when set.
+    #[arg(long, env = "KEYWARD_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Requests per second to the Kubernetes API server, sustained (0: unlimited).
+    #[arg(long, env = "KEYWARD_CLIENT_QPS", default_value_t = 20.0)]
+    client_qps: f64,
+    /// Requests to the Kubernetes API server allowed in a burst above the QPS.
+    #[arg(long, env = "KEYWARD_CLIENT_BURST", default_value_t = 40)]
+    client_burst: u32,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "KEYWARD_METRICS_BIND_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_bind_address: SocketAddr,
+    /// Run the controllers only while holding the leader Lease (for several replicas).
+    #[arg(long, env = "KEYWARD_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Name of the leader Lease, in the operator namespace.
+    #[arg(long, env = "KEYWARD_LEASE_NAME", default_value = "keyward")]
+    lease_name: String,
+    /// How long a standby waits after the leader's last renewal before taking over.
+    #[arg(long, env = "KEYWARD_LEASE_DURATION", default_value = "15s", value_parser = duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it gives up and exits.
+    #[arg(long, env = "KEYWARD_RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
+    renew_deadline: Duration,
+    /// How often candidates try to acquire, and the leader renews.
+    #[arg(long, env = "KEYWARD_RETRY_PERIOD", default_value = "2s", value_parser = duration)]
+    retry_period: Duration,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    keyward::resources::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like 15s, 1m or 1m30s"))
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    let json = matches!(&cli.command, Command::Run { log_format, .. } if log_format == "json");
+    let (json, level) = match &cli.command {
+        Command::Run(args) => (args.log_format == LogFormat::Json, args.log_level.as_str()),
+        _ => (false, "info"),
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => filter,
+        Err(_) => tracing_subscriber::EnvFilter::try_new(level)
+            .with_context(|| format!("--log-level {level:?}"))?,
+    };
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json {
         logs.json().init();
@@ -79,31 +135,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     match cli.command {
-        Command::Run {
-            operator_namespace,
-            namespace,
-            concurrency,
-            ..
-        } => {
-            use keyward::{providers::DefaultFactory, reconciler};
-            // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to Kubernetes (KUBECONFIG or in-cluster)")?;
-            let settings = reconciler::Settings {
-                operator_namespace,
-                namespace,
-                concurrency,
-            };
-            let ctx = reconciler::Context::new(
-                client,
-                std::sync::Arc::new(DefaultFactory::default()),
-                std::sync::Arc::new(reconciler::NoFaults),
-                settings,
-            );
-            tracing::info!("keyward controllers starting");
-            reconciler::run(ctx, shutdown_signal()).await;
-        }
+        Command::Run(args) => run(args).await?,
         Command::Crds { out_dir: None } => print!("{}", keyward::crds::all_yaml()),
         Command::Crds { out_dir: Some(dir) } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -117,6 +149,103 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev { once } => dev::run(once).await?,
     }
     Ok(())
+}
+
+/// `keyward run`: the endpoints at once, then (with `--leader-elect`, once the Lease
+/// is ours) the controllers until SIGTERM / Ctrl-C.
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    use keyward::{
+        leader, metrics, providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler, server,
+    };
+    anyhow::ensure!(
+        !args.leader_elect
+            || (args.retry_period < args.renew_deadline
+                && args.renew_deadline < args.lease_duration),
+        "leader election needs --retry-period < --renew-deadline < --lease-duration"
+    );
+    let listener = tokio::net::TcpListener::bind(args.metrics_bind_address)
+        .await
+        .with_context(|| {
+            format!(
+                "binding --metrics-bind-address {}",
+                args.metrics_bind_address
+            )
+        })?;
+    let health = Arc::new(server::Health::default());
+    tokio::spawn(server::serve(listener, health.clone()));
+
+    // The kubeconfig from KUBECONFIG / ~/.kube/config, or the in-cluster account.
+    let config = kube::Config::infer()
+        .await
+        .context("loading the Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .context("building the Kubernetes client")?
+        .with_layer(&RateLimitLayer::new(args.client_qps, args.client_burst))
+        .build();
+    let version = client
+        .apiserver_version()
+        .await
+        .context("reaching the Kubernetes API server")?;
+    health.set_ready();
+    tracing::info!(
+        version = %version.git_version,
+        metrics = %args.metrics_bind_address,
+        "connected to the API server"
+    );
+
+    let ctx = reconciler::Context::new(
+        client.clone(),
+        Arc::new(DefaultFactory::default()),
+        Arc::new(reconciler::NoFaults),
+        reconciler::Settings {
+            operator_namespace: args.operator_namespace.clone(),
+            // `--namespaces ""` (as a chart may render it) means all namespaces.
+            namespaces: args
+                .namespaces
+                .into_iter()
+                .filter(|n| !n.is_empty())
+                .collect(),
+            concurrency: args.concurrency,
+        },
+    );
+    let shutdown = shutdown_signal().boxed().shared();
+    if !args.leader_elect {
+        metrics::global().set_leader(true);
+        tracing::info!("keyward controllers starting");
+        reconciler::run(ctx, shutdown).await;
+        return Ok(());
+    }
+
+    let elector = leader::Elector::new(
+        client,
+        leader::Config {
+            lease_name: args.lease_name,
+            namespace: args.operator_namespace,
+            identity: leader::default_identity(),
+            lease_duration: args.lease_duration,
+            renew_deadline: args.renew_deadline,
+            retry_period: args.retry_period,
+        },
+    );
+    let leadership = tokio::select! {
+        leadership = elector.acquire() => leadership,
+        _ = shutdown.clone() => return Ok(()),
+    };
+    metrics::global().set_leader(true);
+    tracing::info!("keyward controllers starting");
+    let lost = leadership.lost();
+    tokio::select! {
+        // Graceful: in-flight reconciles finish before the Lease is let go.
+        _ = reconciler::run(ctx, shutdown) => {
+            leadership.release().await;
+            metrics::global().set_leader(false);
+            Ok(())
+        }
+        _ = lost => {
+            metrics::global().set_leader(false);
+            anyhow::bail!("lost the leader lease; exiting so that a standby takes over")
+        }
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

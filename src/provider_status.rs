@@ -150,9 +150,11 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
-    let namespace = ctx.settings.namespace.clone();
+    let namespaced = crate::reconciler::watched_namespaces(&ctx.settings)
+        .into_iter()
+        .map(|ns| run_kind::<KeyProvider>(ctx.clone(), ns, shutdown.clone()));
     futures::join!(
-        run_kind::<KeyProvider>(ctx.clone(), namespace, shutdown.clone()),
+        futures::future::join_all(namespaced),
         run_kind::<ClusterKeyProvider>(ctx, None, shutdown),
     );
 }

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::{
     api::core::v1::{Namespace, Secret},
@@ -43,6 +43,7 @@ use tracing::{info, warn};
 
 use crate::{
     lifecycle::{self, Observed, ROTATE_ANNOTATION, Trigger},
+    metrics::{self, KeyRef},
     policy,
     providers::{
         self, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, ProviderError, ProviderFactory,
@@ -107,8 +108,8 @@ impl Faults for NoFaults {
 pub struct Settings {
     /// Where `ClusterKeyProvider` credential Secrets live.
     pub operator_namespace: String,
-    /// Watch only this namespace (None: all).
-    pub namespace: Option<String>,
+    /// Watch only these namespaces (empty: all).
+    pub namespaces: Vec<String>,
     /// Reconciles running at once, per kind.
     pub concurrency: u16,
 }
@@ -117,7 +118,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             operator_namespace: "keyward-system".to_owned(),
-            namespace: None,
+            namespaces: Vec::new(),
             concurrency: 4,
         }
     }
@@ -424,6 +425,7 @@ async fn resolve<K: ManagedKey>(
         ProviderKind::KeyProvider => format!("KeyProvider/{namespace}/{}", reference.name),
         ProviderKind::ClusterKeyProvider => format!("ClusterKeyProvider/{}", reference.name),
     };
+    metrics::global().resolved(&KeyRef::of(key), providers::provider_type(&spec));
     build_provider(ctx, id, display, spec, &credentials_namespace).await
 }
 
@@ -545,6 +547,7 @@ async fn recover<K: ManagedKey>(
     }
     for orphan in api.find_by_marker(&attempt.marker).await? {
         api.revoke(&orphan).await?;
+        metrics::global().revoked(&KeyRef::of(key));
         publish(ctx, key, EventType::Normal, "RevokedOrphan", format!(
             "revoked upstream key {orphan}: issued by an interrupted attempt ({}) that never reached the Secret",
             attempt.marker
@@ -665,6 +668,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     let (api, lifetime) = match resolved {
         Ok(r) => r,
         Err(Error::NotReady { reason, message }) => {
+            metrics::global().failed(&KeyRef::of(&*key), "resolve");
             set_condition(
                 &mut status.conditions,
                 "Ready",
@@ -730,6 +734,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         match issued {
             Ok(()) => {}
             Err(Error::Provider(e)) => {
+                metrics::global().failed(&KeyRef::of(&*key), "issue");
                 let message = format!("issuing a key failed: {e}");
                 let failure = match &e {
                     ProviderError::Refused { reason, .. } => reason,
@@ -789,6 +794,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         }
         match api.revoke(&retiring.key_id).await {
             Ok(()) => {
+                metrics::global().revoked(&KeyRef::of(&*key));
                 publish(
                     &ctx,
                     &*key,
@@ -802,6 +808,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
                 .await;
             }
             Err(e) => {
+                metrics::global().failed(&KeyRef::of(&*key), "revoke");
                 revoke_error = Some(format!(
                     "revoking previous key {} failed: {e}",
                     retiring.key_id
@@ -898,7 +905,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         .inspect
         .then(|| lifecycle::next_inspection(&status, &rotation))
         .flatten();
-    Ok(next_wake(&status, next_inspection))
+    Ok(next_wake(&*key, &status, next_inspection))
 }
 
 /// The request for a new key: the spec's shape and description, the marker, and the
@@ -966,6 +973,7 @@ async fn inspect<K: ManagedKey>(
             status.invalid = Some(state);
         }
         Err(e) => {
+            metrics::global().failed(&KeyRef::of(key), "inspect");
             warn!(kind = K::KIND, name = %key.name_any(), key_id = %id, error = %e, "inspecting the key failed; trying again at the next interval");
         }
     }
@@ -1077,6 +1085,7 @@ async fn issue<K: ManagedKey>(
         ),
     };
     info!(kind = K::KIND, namespace = %namespace, name = %key.name_any(), key_id = %issued.id, reason = trigger.reason(), "{reason}");
+    metrics::global().rotated(&KeyRef::of(key), trigger.reason());
     publish(ctx, key, EventType::Normal, reason, note).await;
     Ok(())
 }
@@ -1107,7 +1116,11 @@ async fn delete_owned_secret<K: ManagedKey>(
 
 /// Requeue exactly when something is due: renewal, the end of an overlap, expiry or
 /// the next inspection.
-fn next_wake(status: &KeyStatus, next_inspection: Option<Timestamp>) -> Action {
+fn next_wake<K: ManagedKey>(
+    key: &K,
+    status: &KeyStatus,
+    next_inspection: Option<Timestamp>,
+) -> Action {
     let now = Timestamp::now();
     let due = status
         .retiring
@@ -1121,9 +1134,14 @@ fn next_wake(status: &KeyStatus, next_inspection: Option<Timestamp>) -> Action {
         Some(at) => {
             let wait = at.duration_since(now);
             let wait = Duration::try_from(wait).unwrap_or(Duration::ZERO);
-            Action::requeue(wait.max(Duration::from_millis(200)))
+            let wait = wait.max(Duration::from_millis(200));
+            metrics::global().scheduled(&KeyRef::of(key), Some(wait));
+            Action::requeue(wait)
         }
-        None => Action::await_change(),
+        None => {
+            metrics::global().scheduled(&KeyRef::of(key), None);
+            Action::await_change()
+        }
     }
 }
 
@@ -1167,6 +1185,7 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
                 .collect();
             for id in held {
                 api.revoke(&id).await?;
+                metrics::global().revoked(&KeyRef::of(&*key));
                 status.retiring.retain(|r| r.key_id != id);
                 if status.key_id.as_deref() == Some(id.as_str()) {
                     status.key_id = None;
@@ -1177,6 +1196,14 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
         }
         .await;
         if let Err(e) = result {
+            metrics::global().failed(
+                &KeyRef::of(&*key),
+                if matches!(e, Error::NotReady { .. }) {
+                    "resolve"
+                } else {
+                    "revoke"
+                },
+            );
             let (reason, message) = match &e {
                 Error::NotReady { reason, message } => (*reason, message.clone()),
                 other => (
@@ -1215,12 +1242,14 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     {
         delete_owned_secret(&secrets, &name, &*key).await?;
     }
+    metrics::global().key_forgotten(&KeyRef::of(&*key));
     Ok(Action::await_change())
 }
 
 async fn reconcile<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = key.namespace().unwrap_or_default();
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &namespace);
+    let started = metrics::global().reconcile_started(&KeyRef::of(&*key));
     let result = finalizer(&api, FINALIZER, key.clone(), |event| async {
         match event {
             Finalizer::Apply(k) => apply(k, ctx.clone()).await,
@@ -1230,6 +1259,11 @@ async fn reconcile<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Acti
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.reconciles.fetch_add(1, Ordering::Relaxed);
+    metrics::global().reconciled(&KeyRef::of(&*key), started, result.is_ok());
+    if key.meta().deletion_timestamp.is_none() {
+        // The cached status; a status this reconcile wrote arrives as the next event.
+        metrics::global().key_observed(&KeyRef::of(&*key), key.key_status());
+    }
     if result.is_ok() {
         ctx.failures
             .lock()
@@ -1246,17 +1280,20 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, ctx: Arc<Context>) ->
     let n = failures.entry(uid).or_insert(0);
     *n = n.saturating_add(1);
     let wait = Duration::from_secs(1u64 << (*n - 1).min(9)).min(Duration::from_secs(300));
+    metrics::global().scheduled(&KeyRef::of(&*key), Some(wait));
     warn!(kind = K::KIND, name = %key.name_any(), namespace = %key.namespace().unwrap_or_default(), error = %error, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)
 }
 
-/// Runs the controller of one key kind until `shutdown` resolves.
+/// Runs the controller of one key kind in one namespace (None: all) until `shutdown`
+/// resolves.
 async fn run_kind<K: ManagedKey>(
     ctx: Arc<Context>,
+    namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (keys, secrets): (Api<K>, Api<Secret>) = match &ctx.settings.namespace {
+    let (keys, secrets): (Api<K>, Api<Secret>) = match &namespace {
         Some(ns) => (
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -1271,7 +1308,7 @@ async fn run_kind<K: ManagedKey>(
     let controller = Controller::new(keys, watcher::Config::default());
     let store = controller.store();
     let store_cluster = store.clone();
-    let namespaced_providers: Api<KeyProvider> = match &ctx.settings.namespace {
+    let namespaced_providers: Api<KeyProvider> = match &namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
@@ -1320,12 +1357,33 @@ async fn run_kind<K: ManagedKey>(
         .await;
 }
 
-/// Runs both key controllers until `shutdown` resolves.
+/// The namespaces to run controllers for: `None` (all), or each listed one once — a
+/// namespace listed twice must not get two controllers reconciling its keys.
+pub(crate) fn watched_namespaces(settings: &Settings) -> Vec<Option<String>> {
+    let listed: std::collections::BTreeSet<&String> = settings.namespaces.iter().collect();
+    if listed.is_empty() {
+        vec![None]
+    } else {
+        listed.into_iter().cloned().map(Some).collect()
+    }
+}
+
+/// Runs both key controllers and the provider status controllers until `shutdown`
+/// resolves: once for all namespaces, or once per namespace of `settings.namespaces`
+/// (each with its own watches and `concurrency`; `ClusterKeyProvider`s are watched by
+/// each).
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let controllers = watched_namespaces(&ctx.settings)
+        .into_iter()
+        .flat_map(|ns| {
+            [
+                run_kind::<AuthKey>(ctx.clone(), ns.clone(), shutdown.clone()).boxed(),
+                run_kind::<ServiceAccountKey>(ctx.clone(), ns, shutdown.clone()).boxed(),
+            ]
+        });
     futures::join!(
-        run_kind::<AuthKey>(ctx.clone(), shutdown.clone()),
-        run_kind::<ServiceAccountKey>(ctx.clone(), shutdown.clone()),
+        futures::future::join_all(controllers),
         crate::provider_status::run(ctx, shutdown),
     );
 }

@@ -75,7 +75,7 @@ impl Harness {
             faults.clone(),
             Settings {
                 operator_namespace: ns.to_owned(),
-                namespace: Some(ns.to_owned()),
+                namespaces: vec![ns.to_owned()],
                 concurrency: 4,
             },
         )

@@ -202,7 +202,10 @@ impl Transport {
             let outcome = self.attempt(build(&self.client)).await;
             let code = match &outcome {
                 Outcome::Done(r) => r.status.to_string(),
-                Outcome::Retry { why, .. } => why.split(' ').next().unwrap_or("error").to_owned(),
+                // "429 …", "503 …", or "error: …" for transport failures.
+                Outcome::Retry { why, .. } => {
+                    why.split([' ', ':']).next().unwrap_or("error").to_owned()
+                }
             };
             record(self.provider, operation, &code, started.elapsed());
             match outcome {
@@ -276,6 +279,7 @@ impl Transport {
 
 /// One upstream request, for metrics and debug logs.
 fn record(provider: &str, operation: &str, code: &str, took: Duration) {
+    crate::metrics::global().upstream_request(provider, operation, code, took.as_secs_f64());
     debug!(
         provider,
         operation,
@@ -414,6 +418,23 @@ mod tests {
         let wait = budget.try_take(now).unwrap_err();
         assert_eq!(wait, Duration::from_secs(3));
         assert!(budget.try_take(now + Duration::from_secs(3)).is_ok());
+    }
+
+    #[test]
+    fn every_attempt_is_counted_in_the_metrics() {
+        record("transport-test", "issue", "503", Duration::from_millis(30));
+        let text = crate::metrics::global().encode();
+        let series = r#"{provider="transport-test",operation="issue",code="503"}"#;
+        assert!(
+            text.contains(&format!("keyward_upstream_requests_total{series} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "keyward_upstream_request_duration_seconds_count{series} 1"
+            )),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,0 +1,500 @@
+//! Prometheus metrics: one process-global registry ([`global`]), served on `/metrics`
+//! by [`crate::server`]. Every series is prefixed `keyward_`; labels are bounded (kind,
+//! namespace and name of a key resource, provider *type*, fixed reason and operation
+//! names, HTTP status codes) and never carry error text or key material.
+//!
+//! The README lists every series with its meaning.
+
+use std::{
+    collections::HashMap,
+    sync::{LazyLock, Mutex, atomic::AtomicU64},
+    time::{Duration, Instant},
+};
+
+use kube::{Resource, ResourceExt};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+
+use crate::resources::KeyStatus;
+
+/// Provider label when the key's provider has not been resolved (yet).
+pub const UNKNOWN_PROVIDER: &str = "unknown";
+
+/// The registry and every metric keyward records.
+pub struct Metrics {
+    registry: Registry,
+    key_expiry: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    key_renewal: Family<KeyLabels, Gauge<f64, AtomicU64>>,
+    key_ready: Family<KeyLabels, Gauge>,
+    rotations: Family<RotationLabels, Counter>,
+    revocations: Family<ProviderLabels, Counter>,
+    failures: Family<FailureLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_duration: Family<UpstreamLabels, Histogram, fn() -> Histogram>,
+    reconcile_duration: Family<ReconcileLabels, Histogram, fn() -> Histogram>,
+    queue_depth: Family<KindLabels, Gauge>,
+    leader: Gauge,
+    /// Per key: the provider type it last resolved to (the `provider` label of its
+    /// series), and when its next requeue is due (for the queue depth).
+    keys: Mutex<HashMap<KeyRef, KeyState>>,
+    /// Reconciles running now, per kind.
+    in_flight: Mutex<HashMap<String, i64>>,
+}
+
+#[derive(Default)]
+struct KeyState {
+    provider: Option<&'static str>,
+    /// The provider label its per-key series were last written with.
+    observed_with: Option<&'static str>,
+    due: Option<Instant>,
+}
+
+/// Identifies one key resource in the metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KeyRef {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl KeyRef {
+    pub fn of<K: Resource<DynamicType = ()>>(key: &K) -> Self {
+        Self {
+            kind: K::kind(&()).into_owned(),
+            namespace: key.namespace().unwrap_or_default(),
+            name: key.name_any(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    kind: String,
+    namespace: String,
+    name: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RotationLabels {
+    kind: String,
+    provider: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    kind: String,
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailureLabels {
+    kind: String,
+    provider: String,
+    operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    provider: String,
+    operation: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReconcileLabels {
+    kind: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// 5ms … ~41s, doubling: covers both a no-op reconcile and a slow upstream.
+fn seconds_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 14))
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+    &GLOBAL
+}
+
+/// The help text of `keyward_queue_depth`, also quoted in the README.
+pub const QUEUE_DEPTH_HELP: &str = "Approximate work queue of the controller: reconciles running now plus keys whose requested requeue (renewal, end of an overlap, expiry or error retry) is already due but has not started. Watch events still waiting inside the controller runtime are not visible and not counted.";
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyward");
+        let m = Self {
+            key_expiry: Family::default(),
+            key_renewal: Family::default(),
+            key_ready: Family::default(),
+            rotations: Family::default(),
+            revocations: Family::default(),
+            failures: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(seconds_histogram),
+            reconcile_duration: Family::new_with_constructor(seconds_histogram),
+            queue_depth: Family::default(),
+            leader: Gauge::default(),
+            keys: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "key_expiry_timestamp_seconds",
+            "When the key currently in the Secret expires (Unix seconds); absent for keys without expiry",
+            m.key_expiry.clone(),
+        );
+        registry.register(
+            "key_renewal_timestamp_seconds",
+            "When keyward will renew the key (Unix seconds); absent when the key is never renewed",
+            m.key_renewal.clone(),
+        );
+        registry.register(
+            "key_ready",
+            "1 when the key resource's Ready condition is True, else 0",
+            m.key_ready.clone(),
+        );
+        registry.register(
+            "rotations",
+            "Keys issued (first issue and every rotation), by lifecycle trigger reason",
+            m.rotations.clone(),
+        );
+        registry.register(
+            "revocations",
+            "Keys revoked upstream (retired after rotation, orphans, and on delete)",
+            m.revocations.clone(),
+        );
+        registry.register(
+            "failures",
+            "Failed operations: issue, revoke, inspect (provider calls) and resolve (finding the provider, its policy and credentials)",
+            m.failures.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "HTTP requests to provider APIs, by status code (`error` when no response arrived)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Duration of HTTP requests to provider APIs",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one reconcile of a key resource, by result (ok or error)",
+            m.reconcile_duration.clone(),
+        );
+        registry.register("queue_depth", QUEUE_DEPTH_HELP, m.queue_depth.clone());
+        registry.register(
+            "leader",
+            "1 while this process runs the controllers (holds the lease, or runs without leader election), else 0",
+            m.leader.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// The registry in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        self.refresh_queue_depth();
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    /// A key's provider resolved to this provider type (`builtin`, `tailscale`, …);
+    /// later series of the key carry it as their `provider` label.
+    pub fn resolved(&self, key: &KeyRef, provider: &'static str) {
+        self.keys
+            .lock()
+            .unwrap()
+            .entry(key.clone())
+            .or_default()
+            .provider = Some(provider);
+    }
+
+    fn provider(&self, key: &KeyRef) -> &'static str {
+        self.keys
+            .lock()
+            .unwrap()
+            .get(key)
+            .and_then(|s| s.provider)
+            .unwrap_or(UNKNOWN_PROVIDER)
+    }
+
+    fn key_labels(key: &KeyRef, provider: &str) -> KeyLabels {
+        KeyLabels {
+            kind: key.kind.clone(),
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            provider: provider.to_owned(),
+        }
+    }
+
+    fn remove_key_series(&self, labels: &KeyLabels) {
+        self.key_expiry.remove(labels);
+        self.key_renewal.remove(labels);
+        self.key_ready.remove(labels);
+    }
+
+    /// Sets the per-key series from the key's status (readiness, expiry, renewal).
+    pub fn key_observed(&self, key: &KeyRef, status: Option<&KeyStatus>) {
+        let provider = {
+            let mut keys = self.keys.lock().unwrap();
+            let state = keys.entry(key.clone()).or_default();
+            let provider = state.provider.unwrap_or(UNKNOWN_PROVIDER);
+            if let Some(previous) = state.observed_with.replace(provider)
+                && previous != provider
+            {
+                self.remove_key_series(&Self::key_labels(key, previous));
+            }
+            provider
+        };
+        let labels = Self::key_labels(key, provider);
+        let ready = status.is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True")
+        });
+        self.key_ready.get_or_create(&labels).set(ready.into());
+        let seconds = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+            t.map(|t| t.0.as_millisecond() as f64 / 1000.0)
+        };
+        match seconds(status.and_then(|s| s.expires_at.as_ref())) {
+            Some(at) => _ = self.key_expiry.get_or_create(&labels).set(at),
+            None => _ = self.key_expiry.remove(&labels),
+        }
+        match seconds(status.and_then(|s| s.renewal_time.as_ref())) {
+            Some(at) => _ = self.key_renewal.get_or_create(&labels).set(at),
+            None => _ = self.key_renewal.remove(&labels),
+        }
+    }
+
+    /// The key resource is gone (finalizer released): drop its series and state.
+    pub fn key_forgotten(&self, key: &KeyRef) {
+        if let Some(state) = self.keys.lock().unwrap().remove(key)
+            && let Some(provider) = state.observed_with
+        {
+            self.remove_key_series(&Self::key_labels(key, provider));
+        }
+    }
+
+    /// A key was issued for `reason` (a lifecycle trigger reason).
+    pub fn rotated(&self, key: &KeyRef, reason: &str) {
+        self.rotations
+            .get_or_create(&RotationLabels {
+                kind: key.kind.clone(),
+                provider: self.provider(key).to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A key was revoked upstream.
+    pub fn revoked(&self, key: &KeyRef) {
+        self.revocations
+            .get_or_create(&ProviderLabels {
+                kind: key.kind.clone(),
+                provider: self.provider(key).to_owned(),
+            })
+            .inc();
+    }
+
+    /// An operation failed: `issue`, `revoke`, `inspect` or `resolve`.
+    pub fn failed(&self, key: &KeyRef, operation: &'static str) {
+        self.failures
+            .get_or_create(&FailureLabels {
+                kind: key.kind.clone(),
+                provider: self.provider(key).to_owned(),
+                operation: operation.to_owned(),
+            })
+            .inc();
+    }
+
+    /// One HTTP request to a provider API: `code` is the HTTP status as text, or
+    /// `error` when no response arrived.
+    pub fn upstream_request(&self, provider: &str, operation: &str, code: &str, seconds: f64) {
+        let labels = UpstreamLabels {
+            provider: provider.to_owned(),
+            operation: operation.to_owned(),
+            code: code.to_owned(),
+        };
+        self.upstream_requests.get_or_create(&labels).inc();
+        self.upstream_duration
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// A reconcile of `key` starts; pass the returned instant to [`Self::reconciled`].
+    pub fn reconcile_started(&self, key: &KeyRef) -> Instant {
+        if let Some(state) = self.keys.lock().unwrap().get_mut(key) {
+            state.due = None;
+        }
+        *self
+            .in_flight
+            .lock()
+            .unwrap()
+            .entry(key.kind.clone())
+            .or_default() += 1;
+        Instant::now()
+    }
+
+    /// A reconcile that started at `started` ended.
+    pub fn reconciled(&self, key: &KeyRef, started: Instant, ok: bool) {
+        if let Some(n) = self.in_flight.lock().unwrap().get_mut(&key.kind) {
+            *n -= 1;
+        }
+        self.reconcile_duration
+            .get_or_create(&ReconcileLabels {
+                kind: key.kind.clone(),
+                result: if ok { "ok" } else { "error" }.to_owned(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The controller will requeue `key` after `wait` (None: only on a change).
+    pub fn scheduled(&self, key: &KeyRef, wait: Option<Duration>) {
+        let mut keys = self.keys.lock().unwrap();
+        if let Some(state) = keys.get_mut(key) {
+            state.due = wait.map(|w| Instant::now() + w);
+        }
+    }
+
+    /// Whether this process runs the controllers.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(leader.into());
+    }
+
+    fn refresh_queue_depth(&self) {
+        let now = Instant::now();
+        let mut depth: HashMap<String, i64> = HashMap::new();
+        for (key, state) in self.keys.lock().unwrap().iter() {
+            if state.due.is_some_and(|due| due <= now) {
+                *depth.entry(key.kind.clone()).or_default() += 1;
+            }
+        }
+        for (kind, n) in self.in_flight.lock().unwrap().iter() {
+            *depth.entry(kind.clone()).or_default() += n;
+        }
+        for (kind, n) in depth {
+            self.queue_depth.get_or_create(&KindLabels { kind }).set(n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(name: &str) -> KeyRef {
+        KeyRef {
+            kind: "AuthKey".into(),
+            namespace: "ns".into(),
+            name: name.into(),
+        }
+    }
+
+    fn ready_status() -> KeyStatus {
+        serde_json::from_value(serde_json::json!({
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Issued",
+                "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "expiresAt": "2026-01-02T00:00:00Z",
+            "renewalTime": "2026-01-01T16:00:00Z",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn key_series_follow_the_provider_and_go_with_the_key() {
+        let m = Metrics::new();
+        let k = key("a");
+        m.key_observed(&k, Some(&ready_status()));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"keyward_key_ready{kind="AuthKey",namespace="ns",name="a",provider="unknown"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"keyward_key_expiry_timestamp_seconds{kind="AuthKey",namespace="ns",name="a",provider="unknown"} 1767312000"#), "{text}");
+
+        m.resolved(&k, "builtin");
+        m.key_observed(&k, Some(&ready_status()));
+        let text = m.encode();
+        assert!(
+            !text.contains(r#"provider="unknown""#),
+            "old series removed: {text}"
+        );
+        assert!(text.contains(r#"keyward_key_renewal_timestamp_seconds{kind="AuthKey",namespace="ns",name="a",provider="builtin"} 1767283200"#), "{text}");
+
+        m.key_forgotten(&k);
+        let text = m.encode();
+        assert!(!text.contains(r#"name="a""#), "{text}");
+    }
+
+    #[test]
+    fn counters_carry_the_resolved_provider_type() {
+        let m = Metrics::new();
+        let k = key("b");
+        m.failed(&k, "resolve");
+        m.resolved(&k, "builtin");
+        m.rotated(&k, "ForcedRotation");
+        m.revoked(&k);
+        m.upstream_request("builtin", "issue", "201", 0.2);
+        let text = m.encode();
+        for line in [
+            r#"keyward_failures_total{kind="AuthKey",provider="unknown",operation="resolve"} 1"#,
+            r#"keyward_rotations_total{kind="AuthKey",provider="builtin",reason="ForcedRotation"} 1"#,
+            r#"keyward_revocations_total{kind="AuthKey",provider="builtin"} 1"#,
+            r#"keyward_upstream_requests_total{provider="builtin",operation="issue",code="201"} 1"#,
+            r#"keyward_upstream_request_duration_seconds_count{provider="builtin",operation="issue",code="201"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn queue_depth_counts_running_and_overdue_reconciles() {
+        let m = Metrics::new();
+        let (a, b, c) = (key("a"), key("b"), key("c"));
+        for k in [&a, &b, &c] {
+            m.resolved(k, "builtin");
+        }
+        let running = m.reconcile_started(&a);
+        m.scheduled(&b, Some(Duration::ZERO));
+        m.scheduled(&c, Some(Duration::from_secs(3600)));
+        assert!(
+            m.encode()
+                .contains(r#"keyward_queue_depth{kind="AuthKey"} 2"#)
+        );
+        m.reconciled(&a, running, true);
+        let started = m.reconcile_started(&b);
+        m.reconciled(&b, started, false);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"keyward_queue_depth{kind="AuthKey"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"keyward_reconcile_duration_seconds_count{kind="AuthKey",result="error"} 1"#
+            ),
+            "{text}"
+        );
+    }
+}
