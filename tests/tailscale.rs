@@ -599,6 +599,19 @@ async fn a_key_is_renewed_before_expiry_and_the_old_one_outlives_the_overlap() {
     .await;
     let first = h.ready("short").await;
     let old = first.key_id.clone().unwrap();
+    // The provider says it is usable, without calling the upstream to say so.
+    let providers: Api<KeyProvider> = Api::namespaced(h.client.clone(), &h.ns.name);
+    let ready = eventually("the provider's status", WAIT, || async {
+        let status = providers.get("tailscale").await.ok()?.status?;
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")?
+            .clone();
+        (status.provider_type.as_deref() == Some("tailscale")).then_some(ready)
+    })
+    .await;
+    assert_eq!(ready.status, "True", "{}", ready.message);
     assert_eq!(
         h.ts.create_bodies()[0],
         json!({
