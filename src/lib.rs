@@ -12,3 +12,4 @@ pub mod providers;
 pub mod reconciler;
 pub mod resources;
 pub mod secret;
+pub mod template;
