@@ -225,6 +225,27 @@ mod tests {
     }
 
     #[test]
+    fn json_placeholders_quote_the_value_and_null_a_missing_expiry() {
+        let spec = SecretSpec {
+            name: None,
+            key: "api-key".into(),
+            template: Some(SecretTemplate {
+                data: BTreeMap::from([(
+                    "auth".into(),
+                    r#"{"console.convox.com": {{ json key }}, "expires": {{json expiresAt}}}"#
+                        .into(),
+                )]),
+                ..Default::default()
+            }),
+        };
+        let value = SecretValue::new("a\"b".into());
+        let r = render_all(&spec, &vars(&value)).unwrap();
+        let auth: serde_json::Value = serde_json::from_str(&r.data["auth"]).unwrap();
+        assert_eq!(auth["console.convox.com"], "a\"b");
+        assert!(auth["expires"].is_null());
+    }
+
+    #[test]
     fn template_errors_name_the_field_and_never_the_value() {
         let mut spec = SecretSpec {
             template: Some(SecretTemplate {
