@@ -216,6 +216,13 @@ impl Template {
     }
 }
 
+impl Template {
+    /// `text` escaped as `{{ name }}` would insert it.
+    pub fn escape(text: &str, escape: Escape) -> String {
+        escaped(text, escape)
+    }
+}
+
 fn escaped(text: &str, escape: Escape) -> String {
     match escape {
         Escape::None => text.to_owned(),

@@ -287,7 +287,12 @@ impl Http {
         self.credentials
             .values()
             .filter(|v| v.expose().len() >= 4)
-            .fold(text, |t, v| t.replace(v.expose(), "<redacted>"))
+            .fold(text, |t, v| {
+                // As is, and as a URL carries it.
+                let encoded = Template::escape(v.expose(), Escape::Url);
+                t.replace(v.expose(), "<redacted>")
+                    .replace(&encoded, "<redacted>")
+            })
     }
 
     fn redact_error(&self, e: ProviderError) -> ProviderError {
@@ -915,7 +920,7 @@ mod tests {
                 policy: None,
                 rate_limit: None,
             },
-            credentials: BTreeMap::from([("token".into(), b"s3cr3t-token".to_vec())]),
+            credentials: BTreeMap::from([("token".into(), b"s3cr3t/token".to_vec())]),
         };
         let shared = Arc::new(Shared {
             transport: Transport::new("http", None),
@@ -936,6 +941,13 @@ mod tests {
     fn a_good_configuration_builds() {
         let http = build(spec()).unwrap();
         assert!(!http.capabilities().inspect && !http.capabilities().listing);
+        assert_eq!(http.capabilities().max_lifetime, None);
+        let mut s = spec();
+        s.max_expiry = Some("48h".into());
+        assert_eq!(
+            build(s).unwrap().capabilities().max_lifetime,
+            Some(Duration::from_secs(48 * 3600))
+        );
     }
 
     #[test]
@@ -1009,7 +1021,11 @@ mod tests {
     #[test]
     fn upstream_messages_are_scrubbed_of_credentials() {
         let http = build(spec()).unwrap();
-        let e = http.refused(&http.issue, 400, "token s3cr3t-token is not allowed");
+        let e = http.refused(&http.issue, 400, "token s3cr3t/token is not allowed");
+        assert_eq!(
+            http.redact("could not connect (https://u:s3cr3t%2Ftoken@x)".into()),
+            "could not connect (https://u:<redacted>@x)"
+        );
         assert_eq!(
             e.to_string(),
             "KeyProvider ns/p: the upstream refused http.issue.request (HTTP 400): token <redacted> is not allowed"
