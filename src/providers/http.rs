@@ -404,8 +404,10 @@ impl Http {
             {
                 return Ok(Answer::Gone);
             }
-            let graphql_error = json
-                .get("errors")
+            // GraphQL reports failures in the body, usually with HTTP 200.
+            let graphql_error = matches!(op.body, Body::GraphQl { .. })
+                .then(|| json.get("errors"))
+                .flatten()
                 .and_then(Json::as_array)
                 .filter(|e| !e.is_empty())
                 .map(|e| {
@@ -1051,6 +1053,143 @@ mod tests {
             "ServiceAccountCreationUnsupported"
         );
         assert_eq!(description(&request), "agent kw:1.2");
+    }
+
+    /// A one-connection-per-request HTTP server answering `answers` in order and
+    /// recording each request as `METHOD path\nheaders\n\nbody`.
+    async fn serve(
+        answers: Vec<(u16, &'static str)>,
+    ) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            for (status, body) in answers {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = socket.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(|v| v.trim().parse::<usize>().unwrap())
+                            })
+                            .unwrap_or(0);
+                        if rest.len() >= length || n == 0 {
+                            log.lock().unwrap().push(format!("{head}\n\n{rest}"));
+                            break;
+                        }
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(reply.as_bytes()).await.unwrap();
+            }
+        });
+        (base, seen)
+    }
+
+    #[tokio::test]
+    async fn a_rest_api_end_to_end() {
+        let (base, seen) = serve(vec![
+            (
+                201,
+                r#"{"key": {"id": 7, "secret": "v-1", "expires": "2030-01-01T00:00:00Z"}}"#,
+            ),
+            (404, r#"{"message": "no such key"}"#),
+            (200, r#"{"state": {"active": false}}"#),
+            (200, r#"{"errors": ["not graphql"], "keys": []}"#),
+            (403, r#"{"message": "token s3cr3t/token may not revoke"}"#),
+        ])
+        .await;
+        let mut s = spec();
+        s.issue.url = format!("{base}/teams/{{{{ serviceAccount }}}}/keys");
+        s.issue.success_codes = vec![201];
+        s.issue.response = ResponseFields {
+            id: Some("$.key.id".into()),
+            value: Some("$.key.secret".into()),
+            expires_at: Some("$.key.expires".into()),
+            ..Default::default()
+        };
+        let mut revoke = op(&format!("{base}/keys/{{{{ keyId }}}}"));
+        revoke.method = HttpMethod::Delete;
+        s.revoke = Some(revoke);
+        let mut inspect = op(&format!("{base}/keys/{{{{ keyId }}}}"));
+        inspect.method = HttpMethod::Get;
+        inspect.response.valid = Some("$.state.active".into());
+        s.inspect = Some(inspect);
+        let mut list = op(&format!("{base}/keys?q={{{{ marker }}}}"));
+        list.method = HttpMethod::Get;
+        list.response.items = Some("$.keys".into());
+        list.response.id = Some("$.id".into());
+        list.response.description = Some("$.name".into());
+        s.list = Some(list);
+        let http = build(s).unwrap();
+
+        let request = IssueRequest {
+            marker: "kw:1.2".into(),
+            description: Some("say \"hi\"".into()),
+            lifetime: Some(Duration::from_secs(60)),
+            shape: KeyShape {
+                service_account: Some("a b/c".into()),
+                ..Default::default()
+            },
+            previous: None,
+            overlap: Duration::ZERO,
+        };
+        let issued = http.issue(&request).await.unwrap();
+        assert_eq!((issued.id.as_str(), issued.value.expose()), ("7", "v-1"));
+        assert_eq!(
+            issued.expires_at.unwrap().to_string(),
+            "2030-01-01T00:00:00Z"
+        );
+        // Gone (404) on revoke is success; valid=false is Revoked; a REST body's
+        // `errors` is not a GraphQL failure; 403 refuses without the credential.
+        http.revoke("7").await.unwrap();
+        assert_eq!(http.inspect("7").await.unwrap(), KeyState::Revoked);
+        assert!(http.find_by_marker("kw:1.2").await.unwrap().is_empty());
+        let refused = http.revoke("7").await.unwrap_err();
+        assert!(matches!(
+            refused,
+            ProviderError::Refused {
+                reason: "CredentialsInvalid",
+                ..
+            }
+        ));
+        assert!(
+            refused
+                .to_string()
+                .contains("token <redacted> may not revoke"),
+            "{refused}"
+        );
+
+        let seen = seen.lock().unwrap().clone();
+        assert!(
+            seen[0].starts_with("POST /teams/a%20b%2Fc/keys "),
+            "{}",
+            seen[0]
+        );
+        assert!(
+            seen[0]
+                .to_ascii_lowercase()
+                .contains("authorization: bearer s3cr3t/token")
+        );
+        let body: Json = serde_json::from_str(seen[0].split_once("\n\n").unwrap().1).unwrap();
+        assert_eq!(body["name"], "say \"hi\" kw:1.2");
+        assert!(body["expires"].as_str().unwrap().ends_with('Z'));
+        assert!(seen[1].starts_with("DELETE /keys/7 "));
+        assert!(seen[2].starts_with("GET /keys/7 "));
+        assert!(seen[3].starts_with("GET /keys?q=kw%3A1.2 "), "{}", seen[3]);
     }
 
     #[test]
