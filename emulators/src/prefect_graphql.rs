@@ -956,6 +956,7 @@ mod tests {
         let emulator = PrefectGraphql::start().await;
         let admin = emulator.add_admin();
         let sa = emulator.add_service_account();
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = Client {
             http: reqwest::Client::new(),
             url: format!("{}/", emulator.base_url()),
