@@ -15,7 +15,10 @@ use keyward::{
     reconciler::{self, Context, CrashPoint, Settings},
     resources::{KeyProvider, KeyStatus, ServiceAccountKey},
 };
-use keyward_emulators::prefect_graphql::{Admin, PrefectGraphql};
+use keyward_emulators::{
+    Fault,
+    prefect_graphql::{Admin, PrefectGraphql},
+};
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -227,6 +230,16 @@ async fn provider_ready(h: &Harness, status: &str) -> (String, String) {
 #[tokio::test]
 async fn the_example_issues_rotates_and_revokes_through_graphql() {
     let mut h = Harness::new("http-life").await;
+    // The first upstream answers are a 429 with Retry-After and a 503: the shared
+    // transport waits and retries them within the same issuance.
+    h.emulator.faults().inject(
+        Fault::TooManyRequests {
+            retry_after: Some(1),
+        },
+        1,
+        None,
+    );
+    h.emulator.faults().inject(Fault::Status(503), 1, None);
     h.start();
     h.apply_example(json!({"rotation": {"overlap": "2s"}}))
         .await;
@@ -237,6 +250,16 @@ async fn the_example_issues_rotates_and_revokes_through_graphql() {
     let first = h.ready().await;
     let first_id = first.key_id.clone().unwrap();
     let first_value = h.secret_value().await.unwrap();
+    let statuses: Vec<u16> = h
+        .emulator
+        .faults()
+        .requests()
+        .iter()
+        .map(|r| r.status)
+        .take(3)
+        .collect();
+    assert_eq!(statuses, vec![429, 503, 200], "retried through the faults");
+    assert_eq!(first.revision, Some(1), "one issuance, not three");
     let upstream = h.emulator.key(&first_id).expect("the key exists upstream");
     assert_eq!(upstream.value, first_value);
     assert_eq!(upstream.user_id, h.service_account);
