@@ -5,6 +5,7 @@
 //! on the next reconcile without any cache to invalidate.
 
 mod builtin;
+mod http;
 pub mod transport;
 
 use std::{
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use builtin::Builtin;
+pub use http::Http;
 pub use transport::{TokenCache, Transport};
 
 use crate::resources::{ClusterKeyProviderSpec, KeyProviderSpec, Tag};
@@ -231,6 +233,9 @@ impl ProviderFactory for DefaultFactory {
         let spec = &provider.spec;
         if let Some(builtin) = &spec.builtin {
             return Ok(Arc::new(Builtin::new(builtin)));
+        }
+        if let Some(http) = &spec.http {
+            return Ok(Arc::new(Http::new(http, provider, self.shared(provider))?));
         }
         let _shared = self.shared(provider);
         let kind = provider_type(spec);
