@@ -59,7 +59,7 @@ async fn render(file: &str) -> Rendered {
         Arc::new(NoFaults),
         Settings {
             operator_namespace: ns.name.clone(),
-            namespace: Some(ns.name.clone()),
+            namespaces: vec![ns.name.clone()],
             concurrency: 2,
         },
     );
