@@ -117,6 +117,8 @@ struct Inner {
     roles: Vec<Role>,
     /// Accepted bodies of create and rotate requests, as sent.
     bodies: Vec<(String, Value)>,
+    /// Every bot ever created, deleted ones too, in creation order.
+    history: Vec<EmulatedBot>,
 }
 
 impl Inner {
@@ -195,6 +197,7 @@ impl Prefect {
                 role("Member", vec!["see:workspaces"]),
             ],
             bodies: Vec::new(),
+            history: Vec::new(),
         }));
         let faults = Faults::new();
         let router = Router::new()
@@ -308,6 +311,11 @@ impl Prefect {
             .collect()
     }
 
+    /// Every bot ever created (deleted ones too), in creation order.
+    pub fn created_bots(&self) -> Vec<EmulatedBot> {
+        self.lock().history.clone()
+    }
+
     /// A key by id, whatever its state.
     pub fn key(&self, id: &str) -> Option<EmulatedKey> {
         self.lock().keys.get(id).cloned()
@@ -379,6 +387,7 @@ fn new_bot(
         active_key: key.id.clone(),
     };
     state.bots.insert(id, bot.clone());
+    state.history.push(bot.clone());
     (bot, key)
 }
 

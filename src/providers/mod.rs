@@ -5,6 +5,7 @@
 //! on the next reconcile without any cache to invalidate.
 
 mod builtin;
+mod prefect;
 pub mod transport;
 
 use std::{
@@ -18,6 +19,7 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use builtin::Builtin;
+pub use prefect::Prefect;
 pub use transport::{TokenCache, Transport};
 
 use crate::resources::{ClusterKeyProviderSpec, KeyProviderSpec, Tag};
@@ -252,7 +254,14 @@ impl ProviderFactory for DefaultFactory {
         if let Some(builtin) = &spec.builtin {
             return Ok(Arc::new(Builtin::new(builtin)));
         }
-        let _shared = self.shared(provider);
+        let shared = self.shared(provider);
+        if let Some(prefect) = &spec.prefect {
+            return Ok(Arc::new(Prefect::new(
+                prefect,
+                &provider.credentials,
+                shared,
+            )?));
+        }
         let kind = provider_type(spec);
         Err(ProviderError::Misconfigured(format!(
             "{}: provider type {kind} is not implemented in this keyward version; use builtin",
