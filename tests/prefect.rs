@@ -30,6 +30,8 @@ struct Harness {
     client: Client,
     ns: TestNamespace,
     prefect: Prefect,
+    /// The provider's credential, to prove it never leaks.
+    admin: String,
     http: reqwest::Client,
     faults: Arc<CrashOnce>,
     controller: Option<tokio::task::JoinHandle<()>>,
@@ -72,6 +74,7 @@ impl Harness {
             client,
             ns,
             prefect,
+            admin,
             http: reqwest::Client::new(),
             faults: Arc::new(CrashOnce::default()),
             controller: None,
@@ -319,6 +322,27 @@ async fn a_created_service_account_is_issued_rotated_with_overlap_and_deleted() 
         "the service account keyward created is deleted"
     );
     assert!(!h.authenticates(&v2).await);
+
+    // No key value (issued or the provider's own) in logs, events or status.
+    let events: Api<Event> = Api::namespaced(h.client.clone(), &h.ns.name);
+    let notes: Vec<String> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|e| e.message)
+        .collect();
+    assert!(notes.iter().any(|n| n.contains("rotated to key created/")));
+    let logs = common::captured_logs();
+    for secret in [&v1, &v2, &h.admin] {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a key value reached the logs"
+        );
+        assert!(notes.iter().all(|n| !n.contains(secret.as_str())));
+        assert!(!format!("{second:?}").contains(secret.as_str()));
+    }
 }
 
 #[tokio::test]

@@ -637,6 +637,189 @@ impl KeyApi for Prefect {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        providers::{TokenCache, Transport},
+        resources::SecretKeyRef,
+    };
+    use keyward_emulators::{Fault, prefect::Prefect as Emulator};
+
+    async fn provider(emulator: &Emulator, key: &str) -> Prefect {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let spec = PrefectProvider {
+            api_url: format!("{}/", emulator.api_url()),
+            account_id: emulator.account_id(),
+            api_key_secret_ref: SecretKeyRef {
+                name: "admin".into(),
+                key: "api-key".into(),
+            },
+        };
+        let credentials = BTreeMap::from([("api-key".to_owned(), key.as_bytes().to_vec())]);
+        let shared = Arc::new(Shared {
+            transport: Transport::new("prefect", None),
+            tokens: TokenCache::default(),
+        });
+        Prefect::new(&spec, &credentials, shared).unwrap()
+    }
+
+    fn request(name: &str, create: bool) -> IssueRequest {
+        IssueRequest {
+            marker: "kw:00000000.00000000".into(),
+            description: None,
+            lifetime: None,
+            shape: KeyShape {
+                service_account: Some(name.into()),
+                create_service_account: create,
+                ..KeyShape::default()
+            },
+            previous: None,
+            overlap: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn issue_rotate_inspect_and_revoke_against_the_emulator() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        let mut req = request("agent", true);
+        req.lifetime = Some(Duration::from_secs(3600));
+        let first = api.issue(&req).await.unwrap();
+        assert!(first.id.starts_with("created/"));
+        assert!(first.expires_at.is_some(), "api_key_expiration sent");
+        assert_eq!(api.inspect(&first.id).await.unwrap(), KeyState::Valid);
+
+        req.previous = Some(first.id.clone());
+        req.overlap = Duration::from_secs(60);
+        let second = api.issue(&req).await.unwrap();
+        assert_eq!(
+            emulator.bots_named("agent").len(),
+            1,
+            "rotated, not recreated"
+        );
+        assert!(emulator.authenticates(first.value.expose()), "overlap");
+        assert_eq!(api.inspect(&first.id).await.unwrap(), KeyState::Revoked);
+        assert_eq!(api.inspect(&second.id).await.unwrap(), KeyState::Valid);
+
+        // The old key is deleted before its grace ends; the bot stays.
+        api.revoke(&first.id).await.unwrap();
+        assert!(!emulator.authenticates(first.value.expose()));
+        assert!(emulator.authenticates(second.value.expose()));
+        api.revoke(&first.id).await.unwrap();
+
+        api.revoke(&second.id).await.unwrap();
+        assert!(emulator.bots_named("agent").is_empty());
+        assert_eq!(api.inspect(&second.id).await.unwrap(), KeyState::Revoked);
+        api.revoke(&second.id).await.unwrap();
+        api.revoke("kw-not-ours").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn orphans_are_only_bots_made_since_the_attempt_that_keyward_does_not_hold() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        emulator.create_bot_in_ui("foreign");
+        let shape = request("foreign", true).shape;
+        let attempt = |shape, held: Vec<String>, started_at| Interrupted {
+            marker: "kw:00000000.00000000",
+            shape,
+            started_at,
+            held,
+        };
+        let later = Timestamp::now() + SignedDuration::from_secs(60);
+        assert!(
+            api.find_orphans(&attempt(&shape, vec![], later))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a bot that existed before the attempt is someone else's"
+        );
+        let fresh = api.issue(&request("fresh", true)).await.unwrap();
+        let fresh_shape = request("fresh", true).shape;
+        assert_eq!(
+            api.find_orphans(&attempt(&fresh_shape, vec![], Timestamp::now()))
+                .await
+                .unwrap(),
+            vec![fresh.id.clone()]
+        );
+        assert!(
+            api.find_orphans(&attempt(
+                &fresh_shape,
+                vec![fresh.id.clone()],
+                Timestamp::now()
+            ))
+            .await
+            .unwrap()
+            .is_empty(),
+            "a bot keyward holds a key of is never an orphan"
+        );
+        let adopt = request("fresh", false).shape;
+        assert!(
+            api.find_orphans(&attempt(&adopt, vec![], Timestamp::now()))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn throttling_is_waited_out_and_bad_credentials_are_named_not_echoed() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        emulator.faults().inject(
+            Fault::TooManyRequests {
+                retry_after: Some(1),
+            },
+            1,
+            Some("/bots/filter"),
+        );
+        api.issue(&request("agent", true)).await.unwrap();
+        assert_eq!(emulator.faults().pending(), 0);
+
+        let wrong = "pnu_wrongwrongwrongwrongwrongwrongwrong";
+        let err = provider(&emulator, wrong)
+            .await
+            .issue(&request("other", true))
+            .await
+            .unwrap_err();
+        let ProviderError::Refused { reason, message } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(*reason, "CredentialsInvalid");
+        assert!(!message.contains(wrong), "{message}");
+    }
+
+    #[tokio::test]
+    async fn existing_and_missing_bots_are_refused() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        emulator.create_bot_in_ui("taken");
+        let err = api.issue(&request("taken", true)).await.unwrap_err();
+        assert!(matches!(
+            err,
+            ProviderError::Refused {
+                reason: "ServiceAccountExists",
+                ..
+            }
+        ));
+        let err = api.issue(&request("nobody", false)).await.unwrap_err();
+        assert!(matches!(
+            err,
+            ProviderError::Refused {
+                reason: "ServiceAccountNotFound",
+                ..
+            }
+        ));
+        let mut with_role = request("roled", true);
+        with_role.shape.role = Some("Nope".into());
+        let err = api.issue(&with_role).await.unwrap_err();
+        assert!(matches!(
+            err,
+            ProviderError::Refused {
+                reason: "RoleNotFound",
+                ..
+            }
+        ));
+        assert_eq!(emulator.bots().len(), 1);
+    }
 
     #[test]
     fn key_ids_round_trip_and_foreign_ids_are_not_ours() {
