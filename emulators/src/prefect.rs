@@ -210,7 +210,7 @@ impl Prefect {
             .route("/api/accounts/{account_id}/bots/filter", post(filter_bots))
             .route(
                 "/api/accounts/{account_id}/bots/{id}",
-                get(read_bot).delete(delete_bot),
+                get(read_bot).patch(update_bot).delete(delete_bot),
             )
             .route(
                 "/api/accounts/{account_id}/bots/{id}/rotate_api_key",
@@ -814,6 +814,78 @@ async fn read_bot(
     }
 }
 
+/// `PATCH …/bots/{id}` with `name` and / or `account_role_id`; 204 without a body.
+async fn update_bot(
+    State(state): State<Shared>,
+    Path(path): Path<AccountAndBot>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut state = state.lock().unwrap();
+    let bot = match bot_route(&state, &headers, &path) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let map = match object(&body, &["name", "account_role_id"], false) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let name = match map.get("name") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(n)) if !n.is_empty() => Some(n.clone()),
+        Some(_) => {
+            return invalid(
+                &["body", "name"],
+                "string_type",
+                "Input should be a valid string",
+            );
+        }
+    };
+    let role = match map.get("account_role_id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if is_uuid(id) => {
+            if state.role(id).is_none() {
+                return detail(StatusCode::NOT_FOUND, "Account role not found.");
+            }
+            Some(id.clone())
+        }
+        Some(_) => {
+            return invalid(
+                &["body", "account_role_id"],
+                "uuid_parsing",
+                "Input should be a valid UUID",
+            );
+        }
+    };
+    if let Some(n) = &name
+        && state.bots.values().any(|b| &b.name == n && b.id != bot.id)
+    {
+        return detail(StatusCode::CONFLICT, "A bot with this name already exists.");
+    }
+    state
+        .bodies
+        .push(("update".to_owned(), Value::Object(map.clone())));
+    let now = state.now();
+    let b = state.bots.get_mut(&bot.id).expect("bot");
+    if let Some(n) = name {
+        b.name = n;
+    }
+    if let Some(r) = role {
+        b.role_id = r;
+    }
+    b.updated = now;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+impl Prefect {
+    /// The name of a bot's account role.
+    pub fn role_of(&self, bot_id: &str) -> Option<String> {
+        let state = self.lock();
+        let bot = state.bots.get(bot_id)?;
+        state.role(&bot.role_id).map(|r| r.name.clone())
+    }
+}
+
 async fn delete_bot(
     State(state): State<Shared>,
     Path(path): Path<AccountAndBot>,
@@ -1020,6 +1092,17 @@ mod tests {
                 .status()
                 .as_u16()
         }
+    }
+
+    async fn bot_role(c: &Client, name: &str) -> String {
+        let (_, roles) = c
+            .call(
+                reqwest::Method::POST,
+                "account_roles/filter",
+                Some(json!({"account_roles": {"name": {"any_": [name]}}})),
+            )
+            .await;
+        roles[0]["id"].as_str().unwrap().to_owned()
     }
 
     #[tokio::test]

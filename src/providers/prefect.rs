@@ -13,8 +13,8 @@
 //!
 //! - `serviceAccount.create: true`: the first key creates the bot (name, role by name,
 //!   `api_key_expiration` from `spec.expiry` or none); later keys rotate it with
-//!   `old_key_expires_in_seconds` = the overlap; revoking the bot's current key deletes
-//!   the bot. A bot of that name that keyward does not hold is refused
+//!   `old_key_expires_in_seconds` = the overlap (and `PATCH` its role first when
+//!   `spec.role` changed); revoking the bot's current key deletes the bot. A bot of that name that keyward does not hold is refused
 //!   (`ServiceAccountExists`), never taken over.
 //! - `create: false`: the bot is found by name (`ServiceAccountNotFound` otherwise);
 //!   every key is a rotation; revoking the current key rotates it away at once and
@@ -93,6 +93,8 @@ struct Bot {
     name: String,
     #[serde(default)]
     created: Option<String>,
+    #[serde(default)]
+    account_role_name: Option<String>,
     #[serde(default)]
     api_key: Option<BotKey>,
 }
@@ -239,7 +241,17 @@ impl Prefect {
         Ok(reply)
     }
 
-    fn unexpected(operation: &str, reply: &Reply) -> ProviderError {
+    fn unexpected(&self, operation: &str, reply: &Reply) -> ProviderError {
+        if reply.status == 404 {
+            return ProviderError::Refused {
+                reason: "AccountNotFound",
+                message: format!(
+                    "Prefect cannot {operation}: {}; check spec.prefect.accountId ({}) and that the API key belongs to that account",
+                    describe(reply),
+                    self.account_id
+                ),
+            };
+        }
         if matches!(reply.status, 400 | 409 | 422) {
             ProviderError::Refused {
                 reason: "RequestRefused",
@@ -263,7 +275,7 @@ impl Prefect {
             )
             .await?;
         if !reply.is_success() {
-            return Err(Self::unexpected("list service accounts", &reply));
+            return Err(self.unexpected("list service accounts", &reply));
         }
         let bots: Vec<Bot> = reply.json("list service accounts")?;
         Ok(bots.into_iter().filter(|b| b.name == name).collect())
@@ -282,7 +294,7 @@ impl Prefect {
         match reply.status {
             404 => Ok(None),
             _ if reply.is_success() => Ok(Some(reply.json("read service account")?)),
-            _ => Err(Self::unexpected("read a service account", &reply)),
+            _ => Err(self.unexpected("read a service account", &reply)),
         }
     }
 
@@ -297,7 +309,7 @@ impl Prefect {
             )
             .await?;
         if !reply.is_success() {
-            return Err(Self::unexpected("list account roles", &reply));
+            return Err(self.unexpected("list account roles", &reply));
         }
         let roles: Vec<Role> = reply.json("list account roles")?;
         roles
@@ -357,9 +369,26 @@ impl Prefect {
             )
             .await?;
         if !reply.is_success() {
-            return Err(Self::unexpected("rotate a service account's key", &reply));
+            return Err(self.unexpected("rotate a service account's key", &reply));
         }
         reply.json("rotate key")
+    }
+
+    /// Gives a bot keyward created the role `spec.role` names now.
+    async fn set_role(&self, bot: &str, role: &str) -> Result<(), ProviderError> {
+        let body = json!({"account_role_id": self.role_id(role).await?});
+        let reply = self
+            .call(
+                "update service account",
+                Method::PATCH,
+                &format!("bots/{bot}"),
+                Some(body),
+            )
+            .await?;
+        if !reply.is_success() {
+            return Err(self.unexpected("change a service account's role", &reply));
+        }
+        Ok(())
     }
 
     async fn create(
@@ -379,7 +408,7 @@ impl Prefect {
             return Err(exists(name));
         }
         if !reply.is_success() {
-            return Err(Self::unexpected("create a service account", &reply));
+            return Err(self.unexpected("create a service account", &reply));
         }
         reply.json("create service account")
     }
@@ -483,6 +512,11 @@ impl KeyApi for Prefect {
                         .as_ref()
                         .is_some_and(|p| p.mode == Mode::Created && p.bot == bot.id) =>
                 {
+                    if let Some(role) = shape.role.as_deref()
+                        && bot.account_role_name.as_deref() != Some(role)
+                    {
+                        self.set_role(&bot.id, role).await?;
+                    }
                     let bot = self
                         .rotate(&bot.id, expiration, Some(request.overlap))
                         .await?;
@@ -532,7 +566,7 @@ impl KeyApi for Prefect {
                     if reply.is_success() || reply.status == 404 {
                         Ok(())
                     } else {
-                        Err(Self::unexpected("delete a service account", &reply))
+                        Err(self.unexpected("delete a service account", &reply))
                     }
                 }
                 Mode::Adopted => {
@@ -556,7 +590,7 @@ impl KeyApi for Prefect {
         if reply.is_success() || reply.status == 404 {
             Ok(())
         } else {
-            Err(Self::unexpected("delete a rotated-away key", &reply))
+            Err(self.unexpected("delete a rotated-away key", &reply))
         }
     }
 
@@ -689,7 +723,14 @@ mod tests {
 
         req.previous = Some(first.id.clone());
         req.overlap = Duration::from_secs(60);
+        req.shape.role = Some("Admin".into());
         let second = api.issue(&req).await.unwrap();
+        let bot = KeyRef::parse(&second.id).unwrap().bot;
+        assert_eq!(
+            emulator.role_of(&bot).as_deref(),
+            Some("Admin"),
+            "role follows spec.role"
+        );
         assert_eq!(
             emulator.bots_named("agent").len(),
             1,
