@@ -405,7 +405,13 @@ impl Prefect {
             .call("create service account", Method::POST, "bots/", Some(body))
             .await?;
         if reply.status == 409 {
-            return Err(exists(name));
+            // It was not there a moment ago (the lookup precedes the create): most
+            // likely an earlier try of this very request (a timeout the transport
+            // retried) created it. Not a refusal: the attempt stays recorded, so the
+            // next reconcile deletes that bot as the attempt's orphan and creates anew.
+            return Err(ProviderError::Unavailable(format!(
+                "prefect create service account: a service account named {name:?} appeared while creating it; checking again"
+            )));
         }
         if !reply.is_success() {
             return Err(self.unexpected("create a service account", &reply));
