@@ -91,7 +91,7 @@ impl Harness {
             self.faults.clone(),
             Settings {
                 operator_namespace: self.ns.name.clone(),
-                namespace: Some(self.ns.name.clone()),
+                namespaces: vec![self.ns.name.clone()],
                 concurrency: 4,
             },
         );

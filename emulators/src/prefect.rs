@@ -1057,6 +1057,7 @@ mod tests {
 
     impl Client {
         async fn new(emulator: &Prefect) -> Self {
+            let _ = rustls::crypto::ring::default_provider().install_default();
             Self {
                 http: reqwest::Client::new(),
                 base: emulator.api_url(),
@@ -1092,17 +1093,6 @@ mod tests {
                 .status()
                 .as_u16()
         }
-    }
-
-    async fn bot_role(c: &Client, name: &str) -> String {
-        let (_, roles) = c
-            .call(
-                reqwest::Method::POST,
-                "account_roles/filter",
-                Some(json!({"account_roles": {"name": {"any_": [name]}}})),
-            )
-            .await;
-        roles[0]["id"].as_str().unwrap().to_owned()
     }
 
     #[tokio::test]
