@@ -343,6 +343,22 @@ async fn a_created_service_account_is_issued_rotated_with_overlap_and_deleted() 
         assert!(notes.iter().all(|n| !n.contains(secret.as_str())));
         assert!(!format!("{second:?}").contains(secret.as_str()));
     }
+
+    // Every upstream request was counted, by operation and status code, with no value.
+    let metrics = keyward::metrics::global().encode();
+    for series in [
+        r#"keyward_upstream_requests_total{provider="prefect",operation="create service account",code="201"}"#,
+        r#"keyward_upstream_requests_total{provider="prefect",operation="rotate key",code="201"}"#,
+        r#"keyward_upstream_request_duration_seconds_count{provider="prefect",operation="create service account",code="201"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+    for secret in [&v1, &v2, &h.admin] {
+        assert!(
+            !metrics.contains(secret.as_str()),
+            "a key value reached the metrics"
+        );
+    }
 }
 
 #[tokio::test]
