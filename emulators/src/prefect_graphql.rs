@@ -13,10 +13,10 @@
 //!   `query { auth_api_key { id name expires_at } }` lists keys ("If you are a tenant
 //!   admin, this should list all service account keys as well as keys you have
 //!   created"). Keys authenticate as `Authorization: Bearer <key>`.
-//! - The seed's creation example selects `{ token }`; that is the field of the older
-//!   `create_api_token` mutation (the CLI's `create_token` selects `token` there). The
-//!   emulator follows the CLI, i.e. the published schema: `create_api_key` returns
-//!   `key` (and `id`), and `token` is refused like any unknown field.
+//! - The seed's creation example selects `{ token }` where the CLI selects `{ key }`
+//!   (`token` is also the field of the older `create_api_token` mutation). The emulator
+//!   answers both spellings with the key value, so a document copied from either
+//!   source works; any other field is refused like an unknown field.
 //!
 //! Not documented, chosen here and kept consistent (a client must not depend on them):
 //! `create_api_key_payload.id` (the CLI only selects `key`; an id is what
@@ -617,7 +617,7 @@ fn parse(text: &str) -> Result<Operation, String> {
 // Execution against the emulated schema.
 
 /// The fields of each object type the operations return.
-const PAYLOAD_FIELDS: &[&str] = &["id", "key"];
+const PAYLOAD_FIELDS: &[&str] = &["id", "key", "token"];
 const SUCCESS_FIELDS: &[&str] = &["success", "error"];
 const API_KEY_FIELDS: &[&str] = &[
     "id",
@@ -828,7 +828,7 @@ fn execute(
                     field,
                     "create_api_key_payload",
                     PAYLOAD_FIELDS,
-                    &json!({"id": key.id, "key": key.value}),
+                    &json!({"id": key.id, "key": key.value, "token": key.value}),
                 )
             })(),
             (true, "delete_api_key") => (|| {
@@ -1010,10 +1010,13 @@ mod tests {
     async fn inline_literals_as_the_seed_writes_them() {
         let (emulator, client, admin, sa) = setup().await;
         let query = format!(
-            "mutation {{ create_api_key(input: {{ user_id: \"{sa}\", name: \"my-api-key\" }}) {{ key }} }}"
+            "mutation {{ create_api_key(input: {{ user_id: \"{sa}\", name: \"my-api-key\" }}) {{ token }} }}"
         );
         let (_, body) = client.post(&admin.key, &query, json!({})).await;
-        assert!(body["data"]["create_api_key"]["key"].is_string(), "{body}");
+        assert!(
+            body["data"]["create_api_key"]["token"].is_string(),
+            "{body}"
+        );
         assert_eq!(emulator.live_service_account_keys().len(), 1);
     }
 
@@ -1022,9 +1025,9 @@ mod tests {
         let (emulator, client, admin, sa) = setup().await;
         let cases = [
             (
-                "mutation($input: create_api_key_input!) { create_api_key(input: $input) { token } }".to_owned(),
+                "mutation($input: create_api_key_input!) { create_api_key(input: $input) { secret } }".to_owned(),
                 json!({"input": {"user_id": sa, "name": "x"}}),
-                "Cannot query field \"token\" on type \"create_api_key_payload\".",
+                "Cannot query field \"secret\" on type \"create_api_key_payload\".",
             ),
             (
                 "mutation($input: create_api_key_input!) { create_api_key(input: $input, scope: RUNNER) { key } }".to_owned(),
