@@ -16,3 +16,4 @@ pub mod reconciler;
 pub mod resources;
 pub mod secret;
 pub mod server;
+pub mod template;

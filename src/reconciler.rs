@@ -545,7 +545,11 @@ async fn recover<K: ManagedKey>(
         );
         return Ok(());
     }
-    for orphan in api.find_by_marker(&attempt.marker).await? {
+    let shape = key.shape();
+    for orphan in api
+        .find_orphans(&interrupted(&attempt, &shape, status))
+        .await?
+    {
         api.revoke(&orphan).await?;
         metrics::global().revoked(&KeyRef::of(key));
         publish(ctx, key, EventType::Normal, "RevokedOrphan", format!(
@@ -556,6 +560,25 @@ async fn recover<K: ManagedKey>(
     }
     status.attempt = None;
     Ok(())
+}
+
+/// What [`KeyApi::find_orphans`] needs to know about an interrupted attempt.
+fn interrupted<'a>(
+    attempt: &'a IssueAttempt,
+    shape: &'a KeyShape,
+    status: &KeyStatus,
+) -> providers::Interrupted<'a> {
+    providers::Interrupted {
+        marker: &attempt.marker,
+        shape,
+        started_at: attempt.started_at.0,
+        held: status
+            .key_id
+            .iter()
+            .cloned()
+            .chain(status.retiring.iter().map(|r| r.key_id.clone()))
+            .collect(),
+    }
 }
 
 fn trigger_from_reason(reason: &str) -> Trigger {
@@ -740,6 +763,11 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
                     ProviderError::Refused { reason, .. } => reason,
                     _ => "IssueFailed",
                 };
+                // A refusal issued nothing upstream: no orphan to look for later
+                // (and nothing someone else owns is mistaken for one).
+                if matches!(e, ProviderError::Refused { .. }) {
+                    status.attempt = None;
+                }
                 set_condition(
                     &mut status.conditions,
                     "Issuing",
@@ -920,6 +948,9 @@ fn issue_request<K: ManagedKey>(
 ) -> IssueRequest {
     let overlap = match trigger {
         Some(t) if t.retire_with_overlap() => lifecycle::overlap(rotation),
+        // The probe for `KeyApi::check` carries the configured overlap, so a provider
+        // can refuse one it cannot honour before anything is issued.
+        None => lifecycle::overlap(rotation),
         _ => Duration::ZERO,
     };
     IssueRequest {
@@ -1172,7 +1203,8 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
                 Err(e) => return Err(e),
             };
             if let Some(attempt) = status.attempt.clone() {
-                for orphan in api.find_by_marker(&attempt.marker).await? {
+                let shape = key.shape();
+                for orphan in api.find_orphans(&interrupted(&attempt, &shape, &status)).await? {
                     api.revoke(&orphan).await?;
                 }
                 status.attempt = None;

@@ -1,9 +1,10 @@
 //! Rendering the Secret a key lives in, and the digest that notices edits to it.
 //!
-//! Templates use `{{ name }}` placeholders. The variables: `key` (the value), `keyId`,
-//! `createdAt`, `expiresAt` (RFC 3339, empty when the key does not expire), `revision`,
-//! `name` and `namespace` (of the key resource). An unknown variable or an unclosed
-//! `{{` is an error found before anything is issued.
+//! Templates use the `{{ name }}` / `{{ json name }}` placeholders of
+//! [`crate::template`], inserted as is (no escaping). The variables: `key` (the value),
+//! `keyId`, `createdAt`, `expiresAt` (RFC 3339, empty — `null` with `json` — when the
+//! key does not expire), `revision`, `name` and `namespace` (of the key resource). An
+//! unknown variable or an unclosed `{{` is an error found before anything is issued.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,11 @@ use k8s_openapi::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::{providers::SecretValue, resources::SecretSpec};
+use crate::{
+    providers::SecretValue,
+    resources::SecretSpec,
+    template::{Escape, Template, Value, Vocabulary},
+};
 
 /// Annotations keyward puts on the Secret: how a crash between the Secret write and
 /// the status write is recovered (the Secret says which attempt and key it holds).
@@ -38,45 +43,37 @@ pub struct Variables<'a> {
     pub namespace: &'a str,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TemplateError {
-    #[error(
-        "secret.template.{field}: unknown variable {{{{ {variable} }}}}; known: key, keyId, createdAt, expiresAt, revision, name, namespace"
-    )]
-    UnknownVariable { field: String, variable: String },
-    #[error("secret.template.{field}: `{{{{` without a closing `}}}}`")]
-    Unclosed { field: String },
-}
+pub use crate::template::TemplateError;
+
+/// The variables Secret templates offer.
+const VOCABULARY: Vocabulary = Vocabulary {
+    names: &[
+        "key",
+        "keyId",
+        "createdAt",
+        "expiresAt",
+        "revision",
+        "name",
+        "namespace",
+    ],
+    prefixes: &[],
+};
 
 fn render(field: &str, template: &str, vars: &Variables) -> Result<String, TemplateError> {
-    let mut out = String::with_capacity(template.len());
-    let mut rest = template;
-    while let Some(start) = rest.find("{{") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| TemplateError::Unclosed {
-            field: field.to_owned(),
-        })?;
-        let variable = after[..end].trim();
-        match variable {
-            "key" => out.push_str(vars.key.expose()),
-            "keyId" => out.push_str(vars.key_id),
-            "createdAt" => out.push_str(&vars.created_at),
-            "expiresAt" => out.push_str(&vars.expires_at),
-            "revision" => out.push_str(&vars.revision.to_string()),
-            "name" => out.push_str(vars.name),
-            "namespace" => out.push_str(vars.namespace),
-            other => {
-                return Err(TemplateError::UnknownVariable {
-                    field: field.to_owned(),
-                    variable: other.to_owned(),
-                });
-            }
-        }
-        rest = &after[end + 2..];
-    }
-    out.push_str(rest);
-    Ok(out)
+    let template = Template::parse(&format!("secret.template.{field}"), template, &VOCABULARY)?;
+    Ok(template.render(Escape::None, |name| {
+        Some(match name {
+            "key" => Value::Text(vars.key.expose().to_owned()),
+            "keyId" => Value::Text(vars.key_id.to_owned()),
+            "createdAt" => Value::Text(vars.created_at.clone()),
+            "expiresAt" if vars.expires_at.is_empty() => Value::Null,
+            "expiresAt" => Value::Text(vars.expires_at.clone()),
+            "revision" => Value::Number(vars.revision),
+            "name" => Value::Text(vars.name.to_owned()),
+            "namespace" => Value::Text(vars.namespace.to_owned()),
+            _ => return None,
+        })
+    }))
 }
 
 /// The Secret content for one key: data, labels, annotations.
@@ -228,6 +225,27 @@ mod tests {
     }
 
     #[test]
+    fn json_placeholders_quote_the_value_and_null_a_missing_expiry() {
+        let spec = SecretSpec {
+            name: None,
+            key: "api-key".into(),
+            template: Some(SecretTemplate {
+                data: BTreeMap::from([(
+                    "auth".into(),
+                    r#"{"console.convox.com": {{ json key }}, "expires": {{json expiresAt}}}"#
+                        .into(),
+                )]),
+                ..Default::default()
+            }),
+        };
+        let value = SecretValue::new("a\"b".into());
+        let r = render_all(&spec, &vars(&value)).unwrap();
+        let auth: serde_json::Value = serde_json::from_str(&r.data["auth"]).unwrap();
+        assert_eq!(auth["console.convox.com"], "a\"b");
+        assert!(auth["expires"].is_null());
+    }
+
+    #[test]
     fn template_errors_name_the_field_and_never_the_value() {
         let mut spec = SecretSpec {
             template: Some(SecretTemplate {
@@ -237,19 +255,16 @@ mod tests {
             ..Default::default()
         };
         let err = check_template(&spec).unwrap_err();
+        assert_eq!(err.field, "secret.template.data.x");
         assert_eq!(
-            err,
-            TemplateError::UnknownVariable {
-                field: "data.x".into(),
-                variable: "token".into()
-            }
+            err.to_string(),
+            "secret.template.data.x: unknown variable {{ token }}; known: key, keyId, createdAt, expiresAt, revision, name, namespace"
         );
-        assert!(err.to_string().contains("{{ token }}"), "{err}");
         spec.template.as_mut().unwrap().data = BTreeMap::from([("x".into(), "{{ key ".into())]);
-        assert!(matches!(
-            check_template(&spec),
-            Err(TemplateError::Unclosed { .. })
-        ));
+        assert_eq!(
+            check_template(&spec).unwrap_err().problem,
+            crate::template::Problem::Unclosed
+        );
     }
 
     #[test]

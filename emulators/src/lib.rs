@@ -14,6 +14,8 @@
 //! is strict, and explicit (in their docs) about what the published documentation
 //! leaves open.
 
+pub mod prefect;
+pub mod prefect_graphql;
 pub mod tailscale;
 
 use std::{

@@ -5,6 +5,8 @@
 //! on the next reconcile without any cache to invalidate.
 
 mod builtin;
+mod http;
+mod prefect;
 pub mod tailscale;
 pub mod transport;
 
@@ -19,6 +21,8 @@ use async_trait::async_trait;
 use jiff::Timestamp;
 
 pub use builtin::Builtin;
+pub use http::Http;
+pub use prefect::Prefect;
 pub use tailscale::Tailscale;
 pub use transport::{TokenCache, Transport};
 
@@ -163,6 +167,26 @@ pub trait KeyApi: Send + Sync {
     async fn inspect(&self, key_id: &str) -> Result<KeyState, ProviderError>;
     /// Ids of upstream keys carrying `marker` (empty when listing is unsupported).
     async fn find_by_marker(&self, marker: &str) -> Result<Vec<String>, ProviderError>;
+    /// Upstream keys an interrupted issuance left behind, to be revoked. Providers
+    /// whose keys carry the marker need nothing more than [`KeyApi::find_by_marker`];
+    /// others (Prefect bots have only a name) decide from the attempt's shape, start
+    /// time and the keys the resource still holds.
+    async fn find_orphans(&self, attempt: &Interrupted<'_>) -> Result<Vec<String>, ProviderError> {
+        self.find_by_marker(attempt.marker).await
+    }
+}
+
+/// An issuance that was in flight when keyward stopped (or the resource was deleted).
+#[derive(Clone, Debug)]
+pub struct Interrupted<'a> {
+    /// The attempt's marker.
+    pub marker: &'a str,
+    /// The key the attempt was for.
+    pub shape: &'a KeyShape,
+    /// When the attempt was recorded, before the upstream call (keyward's clock).
+    pub started_at: Timestamp,
+    /// Keys the resource holds (current and retiring): never orphans.
+    pub held: Vec<String>,
 }
 
 /// The provider settings a key resolved to, whichever kind holds them.
@@ -235,6 +259,16 @@ impl ProviderFactory for DefaultFactory {
             return Ok(Arc::new(Builtin::new(builtin)));
         }
         let shared = self.shared(provider);
+        if let Some(http) = &spec.http {
+            return Ok(Arc::new(Http::new(http, provider, shared)?));
+        }
+        if let Some(prefect) = &spec.prefect {
+            return Ok(Arc::new(Prefect::new(
+                prefect,
+                &provider.credentials,
+                shared,
+            )?));
+        }
         if let Some(tailscale) = &spec.tailscale {
             return Ok(Arc::new(Tailscale::new(
                 tailscale,

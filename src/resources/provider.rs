@@ -119,15 +119,18 @@ pub enum HttpMethod {
 /// A GraphQL request body.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 pub struct GraphQlBody {
-    /// The query or mutation document.
+    /// The query or mutation document (not a template: data goes in `variables`).
     #[schemars(length(min = 1, max = 16384))]
     pub query: String,
-    /// Variables, each a template rendered to a JSON value.
+    /// Variables, each a template that must render to one JSON value, e.g.
+    /// `{"key_id": "{{ keyId }}"}` or `{{ json description }}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub variables: BTreeMap<String, String>,
 }
 
-/// Where the interesting fields are in a response, as JSONPath expressions.
+/// Where the interesting fields are in a response, as JSONPath expressions (RFC 9535,
+/// e.g. `$.data.create_api_key.key`). With `items`, `id`, `description`, `expiresAt`
+/// and `valid` are read from each item (`$` is the item).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ResponseFields {
@@ -149,6 +152,10 @@ pub struct ResponseFields {
     /// List: where the marker-carrying description / name is in each item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Revoke / inspect: when this matches anything but `false` or `null`, the key is
+    /// already gone (for APIs that say so in the body, e.g. a GraphQL error).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone: Option<String>,
 }
 
 /// One request of an `http` provider. Every string is a template (see the README).
@@ -165,7 +172,8 @@ pub struct HttpOperation {
     /// Request headers (templates), e.g. `Authorization: Bearer {{ credentials.token }}`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, String>,
-    /// A JSON body template.
+    /// A JSON body template; it must render to valid JSON (`{{ name }}` inserts JSON
+    /// string content, `{{ json name }}` a JSON literal).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub body: Option<String>,
