@@ -132,6 +132,7 @@ pub struct Context {
     pub settings: Settings,
     recorder: Recorder,
     failures: Mutex<HashMap<String, u32>>,
+    issue_backoff: Mutex<HashMap<String, IssueBackoff>>,
     /// Reconciles finished (successfully or not) — lets tests know a restarted
     /// controller has looked at every key.
     pub reconciles: AtomicU64,
@@ -158,8 +159,48 @@ impl Context {
             settings,
             recorder,
             failures: Mutex::new(HashMap::new()),
+            issue_backoff: Mutex::new(HashMap::new()),
             reconciles: AtomicU64::new(0),
         })
+    }
+
+    /// How long a key must still wait before issuing again after failed issuances,
+    /// unless its spec or rotate request changed since. Every failed attempt writes
+    /// status, and that write alone would wake the key again at once: without this
+    /// the per-key backoff would be bypassed and a refusing upstream hammered.
+    fn issue_wait<K: ManagedKey>(&self, key: &K) -> Option<Duration> {
+        let backoff = self.issue_backoff.lock().expect("backoff lock");
+        let entry = backoff.get(&key.uid().unwrap_or_default())?;
+        let unchanged = entry.generation == key.meta().generation
+            && entry.rotate_request.as_ref() == key.annotations().get(ROTATE_ANNOTATION);
+        let wait = entry
+            .until
+            .saturating_duration_since(std::time::Instant::now());
+        (unchanged && !wait.is_zero()).then_some(wait)
+    }
+
+    /// Records a failed issuance: 1s, 2s, 4s … up to 5 minutes before the next one.
+    fn issue_failed<K: ManagedKey>(&self, key: &K) {
+        let mut backoff = self.issue_backoff.lock().expect("backoff lock");
+        let entry = backoff
+            .entry(key.uid().unwrap_or_default())
+            .or_insert(IssueBackoff {
+                failures: 0,
+                until: std::time::Instant::now(),
+                generation: None,
+                rotate_request: None,
+            });
+        entry.failures = entry.failures.saturating_add(1);
+        entry.until = std::time::Instant::now() + backoff_after(entry.failures);
+        entry.generation = key.meta().generation;
+        entry.rotate_request = key.annotations().get(ROTATE_ANNOTATION).cloned();
+    }
+
+    fn forget_failed_issuances<K: ManagedKey>(&self, key: &K) {
+        self.issue_backoff
+            .lock()
+            .expect("backoff lock")
+            .remove(&key.uid().unwrap_or_default());
     }
 
     fn crash_at(&self, point: CrashPoint) -> Result<()> {
@@ -168,6 +209,19 @@ impl Context {
         }
         Ok(())
     }
+}
+
+/// Failed issuances of one key, and what they were tried against.
+struct IssueBackoff {
+    failures: u32,
+    until: std::time::Instant,
+    generation: Option<i64>,
+    rotate_request: Option<String>,
+}
+
+/// 1s, 2s, 4s … after the n-th consecutive failure, capped at 5 minutes.
+fn backoff_after(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(9)).min(Duration::from_secs(300))
 }
 
 /// What the engine needs from a key kind; `AuthKey` and `ServiceAccountKey` share
@@ -737,6 +791,9 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     });
 
     if let Some(trigger) = trigger {
+        if let Some(wait) = ctx.issue_wait(&*key) {
+            return Ok(Action::requeue(wait));
+        }
         // The cached object may predate our own last status write (a Secret event can
         // requeue the key before the status event arrives). Never issue on stale state.
         let fresh = keys.get(&key.name_any()).await?;
@@ -755,8 +812,9 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         )
         .await;
         match issued {
-            Ok(()) => {}
+            Ok(()) => ctx.forget_failed_issuances(&*key),
             Err(Error::Provider(e)) => {
+                ctx.issue_failed(&*key);
                 metrics::global().failed(&KeyRef::of(&*key), "issue");
                 let message = format!("issuing a key failed: {e}");
                 let failure = match &e {
@@ -1185,6 +1243,7 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     let generation = key.meta().generation;
     let original = key.key_status().cloned().unwrap_or_default();
     let mut status = original.clone();
+    ctx.forget_failed_issuances(&*key);
 
     // A key that never got as far as an upstream call holds nothing to revoke, and
     // must not need a (perhaps missing) provider to be deleted.
@@ -1311,7 +1370,7 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, ctx: Arc<Context>) ->
     let mut failures = ctx.failures.lock().unwrap();
     let n = failures.entry(uid).or_insert(0);
     *n = n.saturating_add(1);
-    let wait = Duration::from_secs(1u64 << (*n - 1).min(9)).min(Duration::from_secs(300));
+    let wait = backoff_after(*n);
     metrics::global().scheduled(&KeyRef::of(&*key), Some(wait));
     warn!(kind = K::KIND, name = %key.name_any(), namespace = %key.namespace().unwrap_or_default(), error = %error, retry_in = ?wait, "reconcile failed");
     Action::requeue(wait)

@@ -834,3 +834,32 @@ async fn a_key_revoked_upstream_is_found_by_inspection_and_replaced_unless_told_
     let used = h.upstream.calls.load(Ordering::SeqCst) - calls;
     assert!(used <= 8, "{used} upstream calls");
 }
+
+#[tokio::test]
+async fn a_failing_upstream_is_retried_with_backoff_not_in_a_loop() {
+    let h = Harness::new("backoff").await;
+    h.upstream.refuse_issue.store(true, Ordering::SeqCst);
+    h.create("failing", spec(json!({}))).await;
+    // Every failed attempt writes status; those writes must not re-trigger issuance
+    // ahead of the backoff (1s, 2s, …).
+    let calls = eventually("three issue attempts", WAIT, || async {
+        let calls = h.upstream.issue_calls.lock().unwrap().clone();
+        (calls.len() >= 3).then_some(calls)
+    })
+    .await;
+    let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(900) && gaps[1] >= Duration::from_millis(1900),
+        "attempts came too close together: {gaps:?}"
+    );
+    let status = h
+        .status_where("failing", "IssueFailed", |s| {
+            condition(s, "Ready").is_some_and(|c| c.1 == "IssueFailed")
+        })
+        .await;
+    assert_eq!(status.key_id, None);
+
+    // Once the upstream recovers, the key is issued at the next retry.
+    h.upstream.refuse_issue.store(false, Ordering::SeqCst);
+    h.ready("failing").await;
+}

@@ -34,6 +34,8 @@ pub struct Upstream {
     pub calls: AtomicUsize,
     pub refuse_issue: AtomicBool,
     pub refuse_revoke: AtomicBool,
+    /// When each issue call arrived, refused or not.
+    pub issue_calls: Mutex<Vec<std::time::Instant>>,
 }
 
 impl Upstream {
@@ -73,6 +75,10 @@ impl KeyApi for Upstream {
 
     async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.issue_calls
+            .lock()
+            .unwrap()
+            .push(std::time::Instant::now());
         if self.refuse_issue.load(Ordering::SeqCst) {
             return Err(ProviderError::Unavailable("upstream answered 503".into()));
         }
