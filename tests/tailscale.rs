@@ -2,11 +2,13 @@
 //! in-process with the operator's own `DefaultFactory`, and the Tailscale API emulator
 //! (`emulators/src/tailscale.rs`) as the upstream, over HTTP.
 //!
-//! Timing: the Tailscale API documents no shortest key lifetime (only the admin
-//! console offers 1–90 days; Tailscale's own Terraform example asks for one hour), so
-//! scheduled rotation is driven by a real two-minute key renewed 105 s before expiry —
-//! the controller's clock and the emulator's agree, nothing is faked. The examples'
-//! long overlaps are shortened to seconds so revocation after the overlap is observed.
+//! Timing: keyward asks Tailscale for 1–90 days, the documented range. Scheduled
+//! rotation is observed on keys of a day (or a little more) issued by an emulator
+//! whose clock runs that long minus two minutes behind: their `created` and `expires`
+//! put the expiry two minutes from now, and they are renewed 105 s before it — the
+//! controller plans from the times the upstream returned, as it does in production.
+//! The examples' long overlaps are shortened to seconds so revocation after the
+//! overlap is observed.
 
 mod common;
 
@@ -434,11 +436,15 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
         .await;
     }
 
-    // Scheduled renewal of each example, on a two-minute lifetime renewed 105s before
-    // expiry (the lifetime change itself rotates first: revision 3).
+    // Scheduled renewal of each example, two minutes before expiry, renewed 105s before
+    // it (the lifetime change itself rotates first: revision 3).
+    // Keys of 25 hours (about the shortest Tailscale documents, and different from
+    // every example's, so the change rotates), created by an emulator whose clock runs
+    // 25 hours minus two minutes behind: they expire two minutes from now.
+    h.ts.rewind(Duration::from_secs(25 * 3600 - 120));
     for (name, spec) in &names {
         let mut short = spec.clone();
-        short["expiry"] = json!("2m");
+        short["expiry"] = json!("25h");
         short["rotation"] = json!({"renewBefore": "105s", "overlap": "3s"});
         h.create(name, short).await;
     }
@@ -583,16 +589,19 @@ impl Drop for ClusterProvider {
     }
 }
 
-/// Scheduled rotation with an API access token (HTTP Basic): a two-minute key is
-/// renewed before it expires, the old key stays valid for the overlap and is revoked
+/// Scheduled rotation with an API access token (HTTP Basic): a one-day key two minutes
+/// from its expiry is renewed before it expires, the old key stays valid for the overlap and is revoked
 /// after it. The create body is exactly the documented shape.
 #[tokio::test]
 async fn a_key_is_renewed_before_expiry_and_the_old_one_outlives_the_overlap() {
     let h = Harness::new("ts-renew", Auth::Token).await;
+    // A one-day key (the shortest Tailscale documents) from an emulator whose clock
+    // runs a day minus two minutes behind: it expires two minutes from now.
+    h.ts.rewind(Duration::from_secs(24 * 3600 - 120));
     h.create(
         "short",
         json!({"providerRef": {"name": "tailscale"}, "reusable": true, "tags": ["tag:edge"],
-               "description": "short lived", "expiry": "2m",
+               "description": "short lived", "expiry": "24h",
                "rotation": {"renewBefore": "105s", "overlap": "5s"},
                "secret": {"key": "TS_AUTHKEY"}}),
     )
@@ -618,7 +627,7 @@ async fn a_key_is_renewed_before_expiry_and_the_old_one_outlives_the_overlap() {
             "capabilities": {"devices": {"create": {
                 "reusable": true, "ephemeral": false, "preauthorized": false, "tags": ["tag:edge"]
             }}},
-            "expirySeconds": 120,
+            "expirySeconds": 86400,
             "description": format!("short lived {}", status_marker(&h, "short").await),
         }),
         "exactly the documented body"
@@ -894,6 +903,8 @@ async fn expiry_and_description_limits_are_refused_before_anything_is_sent() {
     };
     h.create("long-expiry", spec(json!({"expiry": "2161h"})))
         .await;
+    h.create("short-expiry", spec(json!({"expiry": "23h59m"})))
+        .await;
     h.create(
         "long-description",
         spec(json!({"description": "a description of 30 characters"})),
@@ -906,6 +917,7 @@ async fn expiry_and_description_limits_are_refused_before_anything_is_sent() {
     .await;
     for (name, reason, hint) in [
         ("long-expiry", "ExpiryOutOfRange", "spec.expiry"),
+        ("short-expiry", "ExpiryOutOfRange", "at least 86400s"),
         ("long-description", "DescriptionTooLong", "at most 29"),
         ("odd-description", "DescriptionInvalid", "spec.description"),
     ] {

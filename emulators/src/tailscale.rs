@@ -234,7 +234,8 @@ impl Tailscale {
         }
     }
 
-    /// The emulator's clock: real time plus every [`Self::advance`].
+    /// The emulator's clock: real time plus every [`Self::advance`], less every
+    /// [`Self::rewind`].
     pub fn now(&self) -> Timestamp {
         self.lock().now()
     }
@@ -243,6 +244,14 @@ impl Tailscale {
     pub fn advance(&self, by: Duration) {
         let mut state = self.lock();
         state.clock_offset += SignedDuration::try_from(by).expect("duration in range");
+    }
+
+    /// Moves the emulator's clock back: keys created afterwards carry `created` and
+    /// `expires` that far in the past, so a test can have a key of the shortest real
+    /// lifetime (one day) expire within minutes of real time.
+    pub fn rewind(&self, by: Duration) {
+        let mut state = self.lock();
+        state.clock_offset -= SignedDuration::try_from(by).expect("duration in range");
     }
 
     /// Every key ever created, revoked ones included.

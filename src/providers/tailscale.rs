@@ -43,6 +43,10 @@ use crate::resources::TailscaleProvider;
 
 /// The longest lifetime Tailscale grants, and its default.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The shortest lifetime keyward asks for: the 1–90 days Tailscale documents for auth
+/// keys (the seed, the admin console). The API itself has been seen to accept
+/// shorter; keyward keeps to the documented range.
+pub const MIN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Longest description Tailscale accepts.
 pub const DESCRIPTION_MAX: usize = 50;
 /// OAuth access tokens last an hour when the answer does not say.
@@ -407,7 +411,7 @@ impl KeyApi for Tailscale {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             max_lifetime: Some(MAX_LIFETIME),
-            min_lifetime: None,
+            min_lifetime: Some(MIN_LIFETIME),
             default_lifetime: Some(MAX_LIFETIME),
             native_rotate: false,
             overlap: true,
