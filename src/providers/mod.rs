@@ -277,9 +277,10 @@ impl ProviderFactory for DefaultFactory {
                 shared,
             )?));
         }
-        let kind = provider_type(spec);
+        // Admission requires exactly one type; an object stored before that rule
+        // existed could still have none.
         Err(ProviderError::Misconfigured(format!(
-            "{}: provider type {kind} is not implemented in this keyward version; use builtin",
+            "{}: no provider type is set; set one of builtin, tailscale, prefect or http",
             provider.display
         )))
     }
