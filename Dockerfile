@@ -3,6 +3,9 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+# The workspace's other member (test emulators) must be present for Cargo to load the
+# workspace; only the keyward binary is built.
+COPY emulators ./emulators
 # src/ embeds examples/quickstart.yaml and hack/control-plane-binaries (for `keyward dev`).
 COPY src ./src
 COPY examples ./examples
