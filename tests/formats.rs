@@ -7,23 +7,14 @@
 
 mod common;
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc};
 
 use k8s_openapi::api::core::v1::Secret;
-use keyward::{
-    providers::DefaultFactory,
-    reconciler::{self, Context, NoFaults, Settings},
-};
-use kube::{
-    Api, Client,
-    api::{DynamicObject, GroupVersionKind, Patch, PatchParams},
-    discovery::pinned_kind,
-};
+use keyward::{providers::DefaultFactory, reconciler::NoFaults};
+use kube::Api;
 use serde_json::Value;
 
-use common::{TestNamespace, eventually};
-
-const WAIT: Duration = Duration::from_secs(60);
+use common::{Controller, TestNamespace, WAIT, apply, eventually};
 
 /// What one example renders: the Secret's data, the key value, the workload documents.
 struct Rendered {
@@ -32,38 +23,18 @@ struct Rendered {
     workloads: Vec<Value>,
 }
 
-async fn apply(client: &Client, ns: &str, doc: &Value) {
-    let mut object: DynamicObject = serde_json::from_value(doc.clone()).unwrap();
-    let gvk = GroupVersionKind::try_from(object.types.as_ref().unwrap()).unwrap();
-    let (resource, _) = pinned_kind(client, &gvk).await.unwrap();
-    let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &resource);
-    object.metadata.namespace = None;
-    let name = object.metadata.name.clone().unwrap();
-    api.patch(
-        &name,
-        &PatchParams::apply("test").force(),
-        &Patch::Apply(&object),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("applying {gvk:?} {name}: {e}"));
-}
-
 /// Applies the example's keyward documents and returns the rendered Secret once the
 /// key is Ready.
 async fn render(file: &str) -> Rendered {
     let client = common::client().await;
     let ns = TestNamespace::new(&client, "formats").await;
-    let ctx = Context::new(
-        client.clone(),
+    let controller = Controller::start(
+        &client,
+        &ns.name,
         Arc::new(DefaultFactory::default()),
         Arc::new(NoFaults),
-        Settings {
-            operator_namespace: ns.name.clone(),
-            namespaces: vec![ns.name.clone()],
-            concurrency: 2,
-        },
+        2,
     );
-    let controller = tokio::spawn(reconciler::run(ctx, futures::future::pending()));
 
     let path = format!("{}/examples/formats/{file}", env!("CARGO_MANIFEST_DIR"));
     let docs = common::yaml_documents(&std::fs::read_to_string(&path).unwrap());
@@ -89,7 +60,7 @@ async fn render(file: &str) -> Rendered {
             .filter(|s| s.data.is_some())
     })
     .await;
-    controller.abort();
+    drop(controller);
     let data: BTreeMap<String, String> = secret
         .data
         .unwrap()

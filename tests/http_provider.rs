@@ -4,15 +4,12 @@
 
 mod common;
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
     providers::DefaultFactory,
-    reconciler::{self, Context, CrashPoint, Settings},
+    reconciler::CrashPoint,
     resources::{KeyProvider, KeyStatus, ServiceAccountKey},
 };
 use keyward_emulators::{
@@ -25,19 +22,19 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use common::{TestNamespace, eventually, upstream::CrashOnce};
+use common::{Controller, TestNamespace, WAIT, eventually, upstream::CrashOnce};
 
-const WAIT: Duration = Duration::from_secs(60);
 const EXAMPLE: &str = include_str!("../examples/http/prefect1-graphql.yaml");
 
 struct Harness {
+    /// First, so the controller stops before the namespace goes.
+    controller: Option<Controller>,
     client: Client,
     ns: TestNamespace,
     emulator: PrefectGraphql,
     admin: Admin,
     service_account: String,
     faults: Arc<CrashOnce>,
-    controller: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -49,38 +46,30 @@ impl Harness {
         let admin = emulator.add_admin();
         let service_account = emulator.add_service_account();
         Self {
+            controller: None,
             client,
             ns,
             emulator,
             admin,
             service_account,
             faults: Arc::new(CrashOnce::default()),
-            controller: None,
         }
     }
 
     /// Starts a fresh controller (a new process, as far as state goes).
     fn start(&mut self) {
-        let ctx = Context::new(
-            self.client.clone(),
+        self.controller = Some(Controller::start(
+            &self.client,
+            &self.ns.name,
             Arc::new(DefaultFactory::default()),
             self.faults.clone(),
-            Settings {
-                operator_namespace: self.ns.name.clone(),
-                namespaces: vec![self.ns.name.clone()],
-                concurrency: 4,
-            },
-        );
-        self.controller = Some(tokio::spawn(reconciler::run(
-            ctx,
-            futures::future::pending(),
-        )));
+            4,
+        ));
     }
 
     async fn kill(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-            let _ = handle.await;
+        if let Some(controller) = self.controller.take() {
+            controller.kill().await;
         }
     }
 
@@ -111,27 +100,7 @@ impl Harness {
     }
 
     async fn apply(&self, object: &Value) {
-        let kind = object["kind"].as_str().unwrap().to_owned();
-        let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-        let params = PatchParams::apply("test").force();
-        let ns = &self.ns.name;
-        let c = self.client.clone();
-        let result = match kind.as_str() {
-            "Secret" => Api::<Secret>::namespaced(c, ns)
-                .patch(&name, &params, &Patch::Apply(object))
-                .await
-                .map(|_| ()),
-            "KeyProvider" => Api::<KeyProvider>::namespaced(c, ns)
-                .patch(&name, &params, &Patch::Apply(object))
-                .await
-                .map(|_| ()),
-            "ServiceAccountKey" => Api::<ServiceAccountKey>::namespaced(c, ns)
-                .patch(&name, &params, &Patch::Apply(object))
-                .await
-                .map(|_| ()),
-            other => panic!("unexpected kind {other}"),
-        };
-        result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
+        common::apply(&self.client, &self.ns.name, object).await;
     }
 
     /// Applies the example's Secret and provider, and its key with `key_spec` merged in.
@@ -148,23 +117,11 @@ impl Harness {
     }
 
     async fn status_where(&self, what: &str, check: impl Fn(&KeyStatus) -> bool) -> KeyStatus {
-        let api = self.keys();
-        eventually(what, WAIT, || {
-            let api = api.clone();
-            let check = &check;
-            async move {
-                let key = api.get_opt("prefect1-agent").await.ok()??;
-                key.status.filter(|s| check(s))
-            }
-        })
-        .await
+        common::status_where(&self.keys(), "prefect1-agent", what, check).await
     }
 
     async fn ready(&self) -> KeyStatus {
-        self.status_where("Ready=True", |s| {
-            ready(&s.conditions).is_some_and(|c| c.status == "True") && s.attempt.is_none()
-        })
-        .await
+        common::ready(&self.keys(), "prefect1-agent").await
     }
 
     async fn secret_value(&self) -> Option<String> {
@@ -185,14 +142,6 @@ impl Harness {
     async fn events(&self) -> String {
         let events: Api<Event> = Api::namespaced(self.client.clone(), &self.ns.name);
         serde_json::to_string(&events.list(&ListParams::default()).await.unwrap().items).unwrap()
-    }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-        }
     }
 }
 

@@ -23,9 +23,8 @@ use kube::{
 };
 use serde_json::json;
 
-use common::{TestNamespace, eventually};
+use common::{TestNamespace, WAIT, apply, eventually};
 
-const WAIT: Duration = Duration::from_secs(60);
 const LEASE: &str = "keyward";
 
 /// One `keyward run` process; SIGKILLed and reaped when dropped (a failing test too).
@@ -140,28 +139,11 @@ async fn wait_for_holder(client: &Client, ns: &str, identity: &str) {
     .await;
 }
 
-async fn apply(client: &Client, ns: &str, object: serde_json::Value) {
-    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-    let params = PatchParams::apply("test").force();
-    let result = match object["kind"].as_str().unwrap() {
-        "AuthKey" => Api::<AuthKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        "KeyProvider" => Api::<keyward::resources::KeyProvider>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        other => panic!("unexpected kind {other}"),
-    };
-    result.unwrap_or_else(|e| panic!("applying {name}: {e}"));
-}
-
 async fn builtin_provider(client: &Client, ns: &str) {
     apply(
         client,
         ns,
-        json!({
+        &json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
             "metadata": {"name": "keys"}, "spec": {"builtin": {}}
         }),
@@ -173,7 +155,7 @@ async fn create_key(client: &Client, ns: &str, name: &str, spec: serde_json::Val
     apply(
         client,
         ns,
-        json!({
+        &json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
             "metadata": {"name": name}, "spec": spec
         }),
@@ -197,12 +179,7 @@ async fn status_where(
     check: impl Fn(&KeyStatus) -> bool,
 ) -> KeyStatus {
     let api: Api<AuthKey> = Api::namespaced(client.clone(), ns);
-    eventually(&format!("{name}: {what}"), WAIT, || {
-        let api = api.clone();
-        let check = &check;
-        async move { api.get_opt(name).await.ok()??.status.filter(|s| check(s)) }
-    })
-    .await
+    common::status_where(&api, name, what, check).await
 }
 
 /// `reportingInstance` of every event about a key: the POD_NAME of the writer.

@@ -8,8 +8,8 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
-    reconciler::{self, Context, CrashPoint, Settings},
-    resources::{AuthKey, KeyProvider, KeyStatus, ServiceAccountKey},
+    reconciler::{self, Context, CrashPoint},
+    resources::{AuthKey, KeyProvider, KeyStatus},
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -18,19 +18,17 @@ use kube::{
 use serde_json::json;
 
 use common::{
-    TestNamespace, eventually,
+    Controller, TestNamespace, WAIT, apply, condition, eventually,
     upstream::{CrashOnce, Factory, Upstream},
 };
 
-const WAIT: Duration = Duration::from_secs(60);
-
 struct Harness {
+    /// First, so the controller stops before the namespace goes.
+    controller: Option<Controller>,
     client: Client,
     ns: TestNamespace,
     upstream: Arc<Upstream>,
     faults: Arc<CrashOnce>,
-    ctx: Arc<Context>,
-    controller: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -42,7 +40,7 @@ impl Harness {
         apply(
             &client,
             &ns.name,
-            json!({
+            &json!({
                 "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
                 "metadata": {"name": "keys"}, "spec": {"builtin": {}}
             }),
@@ -50,53 +48,40 @@ impl Harness {
         .await;
         let upstream = Upstream::new();
         let faults = Arc::new(CrashOnce::default());
-        let ctx = Self::context(&client, &ns.name, &upstream, &faults);
         let mut h = Self {
+            controller: None,
             client,
             ns,
             upstream,
             faults,
-            ctx,
-            controller: None,
         };
         h.start();
         h
     }
 
-    fn context(
-        client: &Client,
-        ns: &str,
-        upstream: &Arc<Upstream>,
-        faults: &Arc<CrashOnce>,
-    ) -> Arc<Context> {
-        Context::new(
-            client.clone(),
-            Arc::new(Factory(upstream.clone())),
-            faults.clone(),
-            Settings {
-                operator_namespace: ns.to_owned(),
-                namespaces: vec![ns.to_owned()],
-                concurrency: 4,
-            },
-        )
-    }
-
     /// Starts a fresh controller (a new process, as far as state goes).
     fn start(&mut self) {
-        self.ctx = Self::context(&self.client, &self.ns.name, &self.upstream, &self.faults);
-        let ctx = self.ctx.clone();
-        self.controller = Some(tokio::spawn(reconciler::run(
-            ctx,
-            futures::future::pending(),
-        )));
+        self.controller = Some(Controller::start(
+            &self.client,
+            &self.ns.name,
+            Arc::new(Factory(self.upstream.clone())),
+            self.faults.clone(),
+            4,
+        ));
     }
 
     /// Stops the controller abruptly, like a crash.
     async fn kill(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-            let _ = handle.await;
+        if let Some(controller) = self.controller.take() {
+            controller.kill().await;
         }
+    }
+
+    fn ctx(&self) -> &Arc<Context> {
+        self.controller
+            .as_ref()
+            .expect("a running controller")
+            .ctx()
     }
 
     fn keys(&self) -> Api<AuthKey> {
@@ -111,7 +96,7 @@ impl Harness {
         apply(
             &self.client,
             &self.ns.name,
-            json!({
+            &json!({
                 "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
                 "metadata": {"name": name}, "spec": spec
             }),
@@ -126,86 +111,22 @@ impl Harness {
         what: &str,
         check: impl Fn(&KeyStatus) -> bool,
     ) -> KeyStatus {
-        let api = self.keys();
-        eventually(what, WAIT, || {
-            let api = api.clone();
-            let check = &check;
-            async move {
-                let key = api.get_opt(name).await.ok()??;
-                key.status.filter(|s| check(s))
-            }
-        })
-        .await
+        common::status_where(&self.keys(), name, what, check).await
     }
 
     /// Waits until the key resource no longer exists (finalizer released).
     async fn gone(&self, name: &str, what: &str) {
-        let api = self.keys();
-        eventually(what, WAIT, || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.unwrap().is_none().then_some(()) }
-        })
-        .await;
+        common::gone(&self.keys(), name, what).await
     }
 
     async fn ready(&self, name: &str) -> KeyStatus {
-        self.status_where(name, "Ready=True", |s| {
-            condition(s, "Ready").is_some_and(|c| c.0 == "True") && s.attempt.is_none()
-        })
-        .await
+        common::ready(&self.keys(), name).await
     }
 
     async fn secret_value(&self, name: &str, data_key: &str) -> String {
         let secret = self.secrets().get(name).await.unwrap();
         String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
     }
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-        }
-    }
-}
-
-async fn apply(client: &Client, ns: &str, object: serde_json::Value) {
-    let kind = object["kind"].as_str().unwrap().to_owned();
-    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-    let params = PatchParams::apply("test").force();
-    let result = match kind.as_str() {
-        "AuthKey" => Api::<AuthKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        "ServiceAccountKey" => Api::<ServiceAccountKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        "KeyProvider" => Api::<keyward::resources::KeyProvider>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        "ClusterKeyProvider" => Api::<keyward::resources::ClusterKeyProvider>::all(client.clone())
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        "Secret" => Api::<Secret>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &Patch::Apply(&object))
-            .await
-            .map(|_| ()),
-        other => panic!("unexpected kind {other}"),
-    };
-    result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
-}
-
-/// (status, reason, message) of a condition.
-fn condition(status: &KeyStatus, type_: &str) -> Option<(String, String, String)> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 fn spec(extra: serde_json::Value) -> serde_json::Value {
@@ -566,7 +487,7 @@ async fn restarting_with_200_ready_keys_calls_nothing_and_writes_nothing() {
     h.upstream.calls.store(0, Ordering::SeqCst);
 
     h.start();
-    let ctx = h.ctx.clone();
+    let ctx = h.ctx().clone();
     eventually(
         "the restarted controller to reconcile every key",
         Duration::from_secs(120),
@@ -607,7 +528,7 @@ async fn bad_references_say_what_to_create_or_fix() {
     apply(
         &h.client,
         &h.ns.name,
-        json!({
+        &json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider", "metadata": {"name": "ts"},
             "spec": {"tailscale": {"apiKeySecretRef": {"name": "ts-credentials", "key": "api-key"}}}
         }),
@@ -685,7 +606,7 @@ async fn bad_references_say_what_to_create_or_fix() {
 async fn policy_refuses_before_anything_is_issued() {
     let h = Harness::new("policy").await;
     let ckp = format!("policy-{}", h.ns.name);
-    apply(&h.client, &h.ns.name, json!({
+    apply(&h.client, &h.ns.name, &json!({
         "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": ckp},
         "spec": {"builtin": {}, "policy": {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": h.ns.name}},
@@ -694,7 +615,7 @@ async fn policy_refuses_before_anything_is_issued() {
     }))
     .await;
     let other = format!("closed-{}", h.ns.name);
-    apply(&h.client, &h.ns.name, json!({
+    apply(&h.client, &h.ns.name, &json!({
         "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": other},
         "spec": {"builtin": {}}
     }))
@@ -746,7 +667,7 @@ async fn policy_refuses_before_anything_is_issued() {
     // Tightening the policy flags the key it no longer allows (not revoked: that would
     // cut off a running workload on a policy edit).
     let ok = h.ready("ok").await.key_id.unwrap();
-    apply(&h.client, &h.ns.name, json!({
+    apply(&h.client, &h.ns.name, &json!({
         "apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider", "metadata": {"name": ckp},
         "spec": {"builtin": {}, "policy": {
             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": h.ns.name}},

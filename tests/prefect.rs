@@ -4,16 +4,13 @@
 
 mod common;
 
-use std::{
-    sync::{Arc, atomic::Ordering},
-    time::Duration,
-};
+use std::sync::{Arc, atomic::Ordering};
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
     providers::DefaultFactory,
-    reconciler::{self, Context, CrashPoint, Settings},
-    resources::{AuthKey, KeyProvider, KeyStatus, ServiceAccountKey},
+    reconciler::CrashPoint,
+    resources::{AuthKey, KeyStatus, ServiceAccountKey},
 };
 use keyward_emulators::prefect::Prefect;
 use kube::{
@@ -22,11 +19,11 @@ use kube::{
 };
 use serde_json::json;
 
-use common::{TestNamespace, eventually, upstream::CrashOnce};
-
-const WAIT: Duration = Duration::from_secs(60);
+use common::{Controller, TestNamespace, WAIT, apply, condition, eventually, upstream::CrashOnce};
 
 struct Harness {
+    /// First, so the controller stops before the namespace goes.
+    controller: Option<Controller>,
     client: Client,
     ns: TestNamespace,
     prefect: Prefect,
@@ -34,7 +31,6 @@ struct Harness {
     admin: String,
     http: reqwest::Client,
     faults: Arc<CrashOnce>,
-    controller: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -49,7 +45,7 @@ impl Harness {
         apply(
             &client,
             &ns.name,
-            json!({
+            &json!({
                 "apiVersion": "v1", "kind": "Secret",
                 "metadata": {"name": "prefect-admin"},
                 "stringData": {"api-key": admin}
@@ -59,7 +55,7 @@ impl Harness {
         apply(
             &client,
             &ns.name,
-            json!({
+            &json!({
                 "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
                 "metadata": {"name": "prefect"},
                 "spec": {"prefect": {
@@ -71,13 +67,13 @@ impl Harness {
         )
         .await;
         let mut h = Self {
+            controller: None,
             client,
             ns,
             prefect,
             admin,
             http: reqwest::Client::new(),
             faults: Arc::new(CrashOnce::default()),
-            controller: None,
         };
         h.start();
         h
@@ -85,26 +81,18 @@ impl Harness {
 
     /// Starts a fresh controller (a new process: a new factory, nothing cached).
     fn start(&mut self) {
-        let ctx = Context::new(
-            self.client.clone(),
+        self.controller = Some(Controller::start(
+            &self.client,
+            &self.ns.name,
             Arc::new(DefaultFactory::default()),
             self.faults.clone(),
-            Settings {
-                operator_namespace: self.ns.name.clone(),
-                namespaces: vec![self.ns.name.clone()],
-                concurrency: 4,
-            },
-        );
-        self.controller = Some(tokio::spawn(reconciler::run(
-            ctx,
-            futures::future::pending(),
-        )));
+            4,
+        ));
     }
 
     async fn kill(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-            let _ = handle.await;
+        if let Some(controller) = self.controller.take() {
+            controller.kill().await;
         }
     }
 
@@ -116,7 +104,7 @@ impl Harness {
         apply(
             &self.client,
             &self.ns.name,
-            json!({
+            &json!({
                 "apiVersion": "keyward.dev/v1alpha1", "kind": "ServiceAccountKey",
                 "metadata": {"name": name}, "spec": spec
             }),
@@ -130,16 +118,7 @@ impl Harness {
         what: &str,
         check: impl Fn(&KeyStatus) -> bool,
     ) -> KeyStatus {
-        let api = self.keys();
-        eventually(what, WAIT, || {
-            let api = api.clone();
-            let check = &check;
-            async move {
-                let key = api.get_opt(name).await.ok()??;
-                key.status.filter(|s| check(s))
-            }
-        })
-        .await
+        common::status_where(&self.keys(), name, what, check).await
     }
 
     async fn ready(&self, name: &str) -> KeyStatus {
@@ -154,12 +133,7 @@ impl Harness {
             .delete(name, &DeleteParams::default())
             .await
             .unwrap();
-        let api = self.keys();
-        eventually("the resource to be gone", WAIT, || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.unwrap().is_none().then_some(()) }
-        })
-        .await;
+        common::gone(&self.keys(), name, "the resource to be gone").await;
     }
 
     async fn secret_value(&self, name: &str, data_key: &str) -> String {
@@ -184,56 +158,14 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-        }
-    }
-}
-
-async fn apply(client: &Client, ns: &str, object: serde_json::Value) {
-    let kind = object["kind"].as_str().unwrap().to_owned();
-    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-    let params = PatchParams::apply("test").force();
-    let patch = Patch::Apply(&object);
-    let result = match kind.as_str() {
-        "ServiceAccountKey" => Api::<ServiceAccountKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(drop),
-        "AuthKey" => Api::<AuthKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(drop),
-        "KeyProvider" => Api::<KeyProvider>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(drop),
-        "Secret" => Api::<Secret>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(drop),
-        other => panic!("unexpected kind {other}"),
-    };
-    result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
-}
-
 /// `"<status>/<reason>"` of the Ready condition.
 fn ready_reason(status: &KeyStatus) -> Option<String> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| format!("{}/{}", c.status, c.reason))
+    condition(status, "Ready").map(|(status, reason, _)| format!("{status}/{reason}"))
 }
 
 fn ready_message(status: &KeyStatus) -> String {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .map(|c| c.message.clone())
+    condition(status, "Ready")
+        .map(|(_, _, message)| message)
         .unwrap_or_default()
 }
 
@@ -456,7 +388,7 @@ async fn an_overlap_above_48h_and_an_auth_key_are_refused_before_any_request() {
     apply(
         &h.client,
         &h.ns.name,
-        json!({
+        &json!({
             "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
             "metadata": {"name": "device"},
             "spec": {"providerRef": {"name": "prefect"}}

@@ -20,7 +20,7 @@ use std::{
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use keyward::{
     providers::DefaultFactory,
-    reconciler::{self, Context, CrashPoint, Settings},
+    reconciler::CrashPoint,
     resources::{AuthKey, ClusterKeyProvider, KeyProvider, KeyStatus},
 };
 use keyward_emulators::{Fault, tailscale::Tailscale};
@@ -30,9 +30,8 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use common::{TestNamespace, eventually, upstream::CrashOnce};
+use common::{Controller, TestNamespace, WAIT, apply, condition, eventually, upstream::CrashOnce};
 
-const WAIT: Duration = Duration::from_secs(60);
 /// The tags the emulated OAuth client may put on keys (those of the examples).
 const CLIENT_TAGS: &[&str] = &["tag:edge", "tag:ci", "tag:jobs"];
 
@@ -44,13 +43,13 @@ enum Auth {
 }
 
 struct Harness {
+    /// First, so the controller stops before the namespace goes.
+    controller: Option<Controller>,
     client: Client,
     ns: TestNamespace,
     ts: Tailscale,
     faults: Arc<CrashOnce>,
     factory: Arc<DefaultFactory>,
-    ctx: Arc<Context>,
-    controller: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Harness {
@@ -93,21 +92,19 @@ impl Harness {
         apply(
             &client,
             &ns.name,
-            json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
+            &json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
                    "metadata": {"name": "tailscale"}, "spec": {"tailscale": spec}}),
         )
         .await;
         let faults = Arc::new(CrashOnce::default());
         let factory = Arc::new(DefaultFactory::default());
-        let ctx = context(&client, &ns.name, &factory, &faults);
         let mut h = Self {
+            controller: None,
             client,
             ns,
             ts,
             faults,
             factory,
-            ctx,
-            controller: None,
         };
         h.start();
         h
@@ -116,17 +113,18 @@ impl Harness {
     /// Starts a controller. The provider state (request budget, token cache) lives in
     /// the factory, which a restart keeps.
     fn start(&mut self) {
-        self.ctx = context(&self.client, &self.ns.name, &self.factory, &self.faults);
-        self.controller = Some(tokio::spawn(reconciler::run(
-            self.ctx.clone(),
-            futures::future::pending(),
-        )));
+        self.controller = Some(Controller::start(
+            &self.client,
+            &self.ns.name,
+            self.factory.clone(),
+            self.faults.clone(),
+            4,
+        ));
     }
 
     async fn kill(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-            let _ = handle.await;
+        if let Some(controller) = self.controller.take() {
+            controller.kill().await;
         }
     }
 
@@ -142,7 +140,7 @@ impl Harness {
         apply(
             &self.client,
             &self.ns.name,
-            json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
+            &json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
                    "metadata": {"name": name}, "spec": spec}),
         )
         .await;
@@ -154,23 +152,11 @@ impl Harness {
         what: &str,
         check: impl Fn(&KeyStatus) -> bool,
     ) -> KeyStatus {
-        let api = self.keys();
-        eventually(&format!("{name}: {what}"), WAIT, || {
-            let api = api.clone();
-            let check = &check;
-            async move {
-                let key = api.get_opt(name).await.ok()??;
-                key.status.filter(|s| check(s))
-            }
-        })
-        .await
+        common::status_where(&self.keys(), name, what, check).await
     }
 
     async fn ready(&self, name: &str) -> KeyStatus {
-        self.status_where(name, "Ready=True", |s| {
-            condition(s, "Ready").is_some_and(|c| c.0 == "True") && s.attempt.is_none()
-        })
-        .await
+        common::ready(&self.keys(), name).await
     }
 
     async fn revision(&self, name: &str, revision: i64) -> KeyStatus {
@@ -211,12 +197,7 @@ impl Harness {
             .delete(name, &DeleteParams::default())
             .await
             .unwrap();
-        let api = self.keys();
-        eventually(&format!("{name} to be deleted"), WAIT, || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.unwrap().is_none().then_some(()) }
-        })
-        .await;
+        common::gone(&self.keys(), name, &format!("{name} to be deleted")).await;
     }
 
     /// Requests that reached the emulator's key endpoints with `method`.
@@ -225,76 +206,14 @@ impl Harness {
     }
 }
 
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if let Some(handle) = self.controller.take() {
-            handle.abort();
-        }
-    }
-}
-
-fn context(
-    client: &Client,
-    ns: &str,
-    factory: &Arc<DefaultFactory>,
-    faults: &Arc<CrashOnce>,
-) -> Arc<Context> {
-    Context::new(
-        client.clone(),
-        factory.clone(),
-        faults.clone(),
-        Settings {
-            operator_namespace: ns.to_owned(),
-            namespaces: vec![ns.to_owned()],
-            concurrency: 4,
-        },
-    )
-}
-
 async fn secret(client: &Client, ns: &str, name: &str, key: &str, value: &str) {
     apply(
         client,
         ns,
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
                "stringData": {key: value}}),
     )
     .await;
-}
-
-async fn apply(client: &Client, ns: &str, object: Value) {
-    let kind = object["kind"].as_str().unwrap().to_owned();
-    let name = object["metadata"]["name"].as_str().unwrap().to_owned();
-    let params = PatchParams::apply("test").force();
-    let patch = Patch::Apply(&object);
-    let result = match kind.as_str() {
-        "AuthKey" => Api::<AuthKey>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(|_| ()),
-        "KeyProvider" => Api::<KeyProvider>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(|_| ()),
-        "ClusterKeyProvider" => Api::<ClusterKeyProvider>::all(client.clone())
-            .patch(&name, &params, &patch)
-            .await
-            .map(|_| ()),
-        "Secret" => Api::<Secret>::namespaced(client.clone(), ns)
-            .patch(&name, &params, &patch)
-            .await
-            .map(|_| ()),
-        other => panic!("unexpected kind {other}"),
-    };
-    result.unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
-}
-
-/// (status, reason, message) of a condition.
-fn condition(status: &KeyStatus, type_: &str) -> Option<(String, String, String)> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
 fn example(file: &str) -> Vec<Value> {
@@ -330,7 +249,7 @@ async fn every_example_key_is_issued_rotated_and_revoked() {
             }
             other => panic!("unexpected {other}"),
         }
-        apply(&h.client, &h.ns.name, doc).await;
+        apply(&h.client, &h.ns.name, &doc).await;
     }
     let _cleanup = ClusterProvider(ckp_name.clone());
     // The policy admits namespaces labelled for it.

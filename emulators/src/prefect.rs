@@ -590,6 +590,43 @@ fn any_filter(
     Ok(out)
 }
 
+/// The body of a `POST …/filter` listing: `{<at>: {"name": {"any_": […]}, "id":
+/// {"any_": […]}}, "limit": …, "offset": …}`, every part optional.
+struct ListFilter {
+    any: BTreeMap<String, Vec<String>>,
+    limit: usize,
+    offset: usize,
+}
+
+impl ListFilter {
+    fn parse(body: &[u8], at: &str) -> Result<Self, Response> {
+        let map = object(body, &[at, "limit", "offset"], true)?;
+        let any = any_filter(map.get(at), at, &["name", "id"])?;
+        let (limit, offset) = paging(&map)?;
+        Ok(Self { any, limit, offset })
+    }
+
+    /// The requested page of the `items` whose name and id pass every `any_` given.
+    fn select<'a, T: 'a>(
+        &self,
+        items: impl Iterator<Item = &'a T>,
+        name_and_id: impl Fn(&T) -> (&str, &str),
+    ) -> impl Iterator<Item = &'a T> {
+        let passes = |field: &str, value: &str| {
+            self.any
+                .get(field)
+                .is_none_or(|any| any.iter().any(|v| v == value))
+        };
+        items
+            .filter(move |item| {
+                let (name, id) = name_and_id(item);
+                passes("name", name) && passes("id", id)
+            })
+            .skip(self.offset)
+            .take(self.limit)
+    }
+}
+
 fn paging(map: &Map<String, Value>) -> Result<(usize, usize), Response> {
     let read = |field: &str, default: u64, max: u64| match map.get(field) {
         None | Some(Value::Null) => Ok(default),
@@ -634,26 +671,12 @@ async fn filter_roles(
     if let Err(r) = authorize(&state, &headers, &account_id) {
         return r;
     }
-    let result = object(&body, &["account_roles", "limit", "offset"], true).and_then(|map| {
-        let filter = any_filter(map.get("account_roles"), "account_roles", &["name", "id"])?;
-        let (limit, offset) = paging(&map)?;
-        Ok((filter, limit, offset))
-    });
-    let (filter, limit, offset) = match result {
-        Ok(r) => r,
+    let filter = match ListFilter::parse(&body, "account_roles") {
+        Ok(f) => f,
         Err(r) => return r,
     };
-    let roles: Vec<Value> = state
-        .roles
-        .iter()
-        .filter(|r| {
-            filter
-                .get("name")
-                .is_none_or(|names| names.contains(&r.name))
-        })
-        .filter(|r| filter.get("id").is_none_or(|ids| ids.contains(&r.id)))
-        .skip(offset)
-        .take(limit)
+    let roles: Vec<Value> = filter
+        .select(state.roles.iter(), |r| (&r.name, &r.id))
         .map(|r| {
             json!({
                 "id": r.id,
@@ -673,6 +696,22 @@ async fn filter_roles(
 struct AccountAndBot {
     account_id: String,
     id: String,
+}
+
+/// The `account_role_id` of a bot body: none (absent or null), or an existing role's.
+fn account_role_id(state: &Inner, map: &Map<String, Value>) -> Result<Option<String>, Response> {
+    match map.get("account_role_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if is_uuid(id) => match state.role(id) {
+            Some(_) => Ok(Some(id.clone())),
+            None => Err(detail(StatusCode::NOT_FOUND, "Account role not found.")),
+        },
+        Some(_) => Err(invalid(
+            &["body", "account_role_id"],
+            "uuid_parsing",
+            "Input should be a valid UUID",
+        )),
+    }
 }
 
 async fn create_bot(
@@ -715,27 +754,16 @@ async fn create_bot(
         Ok(e) => e,
         Err(r) => return r,
     };
-    let role_id = match map.get("account_role_id") {
-        None | Some(Value::Null) => state
+    let role_id = match account_role_id(&state, &map) {
+        Ok(Some(id)) => id,
+        Ok(None) => state
             .roles
             .iter()
             .find(|r| r.name == "Member")
             .expect("system role")
             .id
             .clone(),
-        Some(Value::String(id)) if is_uuid(id) => {
-            if state.role(id).is_none() {
-                return detail(StatusCode::NOT_FOUND, "Account role not found.");
-            }
-            id.clone()
-        }
-        Some(_) => {
-            return invalid(
-                &["body", "account_role_id"],
-                "uuid_parsing",
-                "Input should be a valid UUID",
-            );
-        }
+        Err(r) => return r,
     };
     if state.bots.values().any(|b| b.name == name) {
         return detail(StatusCode::CONFLICT, "A bot with this name already exists.");
@@ -758,30 +786,12 @@ async fn filter_bots(
     if let Err(r) = authorize(&state, &headers, &account_id) {
         return r;
     }
-    let result = object(&body, &["service_accounts", "limit", "offset"], true).and_then(|map| {
-        let filter = any_filter(
-            map.get("service_accounts"),
-            "service_accounts",
-            &["name", "id"],
-        )?;
-        let (limit, offset) = paging(&map)?;
-        Ok((filter, limit, offset))
-    });
-    let (filter, limit, offset) = match result {
-        Ok(r) => r,
+    let filter = match ListFilter::parse(&body, "service_accounts") {
+        Ok(f) => f,
         Err(r) => return r,
     };
-    let bots: Vec<Value> = state
-        .bots
-        .values()
-        .filter(|b| {
-            filter
-                .get("name")
-                .is_none_or(|names| names.contains(&b.name))
-        })
-        .filter(|b| filter.get("id").is_none_or(|ids| ids.contains(&b.id)))
-        .skip(offset)
-        .take(limit)
+    let bots: Vec<Value> = filter
+        .select(state.bots.values(), |b| (&b.name, &b.id))
         .map(|b| bot_json(&state, b, false))
         .collect();
     Json(bots).into_response()
@@ -841,21 +851,9 @@ async fn update_bot(
             );
         }
     };
-    let role = match map.get("account_role_id") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(id)) if is_uuid(id) => {
-            if state.role(id).is_none() {
-                return detail(StatusCode::NOT_FOUND, "Account role not found.");
-            }
-            Some(id.clone())
-        }
-        Some(_) => {
-            return invalid(
-                &["body", "account_role_id"],
-                "uuid_parsing",
-                "Input should be a valid UUID",
-            );
-        }
+    let role = match account_role_id(&state, &map) {
+        Ok(r) => r,
+        Err(r) => return r,
     };
     if let Some(n) = &name
         && state.bots.values().any(|b| &b.name == n && b.id != bot.id)

@@ -8,7 +8,12 @@
 
 #![allow(dead_code)]
 
+mod harness;
 pub mod upstream;
+
+// Not every test binary uses every helper.
+#[allow(unused_imports)]
+pub use harness::{Controller, WAIT, apply, condition, gone, ready, status_where};
 
 use std::sync::OnceLock;
 
