@@ -321,23 +321,27 @@ impl Tailscale {
     ) -> Result<Reply, ProviderError> {
         let mut fresh = false;
         loop {
-            let reply = match &self.credential {
+            let (reply, used) = match &self.credential {
                 Credential::Token(token) => {
-                    self.shared
+                    let reply = self
+                        .shared
                         .transport
                         .send(operation, |c| build(c).basic_auth(token.expose(), Some("")))
-                        .await?
+                        .await?;
+                    (reply, None)
                 }
                 Credential::OAuth { .. } => {
                     let token = self.access_token().await?;
-                    self.shared
+                    let reply = self
+                        .shared
                         .transport
                         .send(operation, |c| build(c).bearer_auth(token.expose()))
-                        .await?
+                        .await?;
+                    (reply, Some(token))
                 }
             };
-            if reply.status == 401 && self.is_oauth() && !fresh {
-                self.shared.tokens.invalidate().await;
+            if let (401, Some(refused), false) = (reply.status, &used, fresh) {
+                self.shared.tokens.invalidate(refused).await;
                 fresh = true;
                 continue;
             }

@@ -372,9 +372,14 @@ impl TokenCache {
         Ok(token)
     }
 
-    /// Forgets the token (the upstream answered 401 with it).
-    pub async fn invalidate(&self) {
-        *self.cached.lock().await = None;
+    /// Forgets `refused` (the upstream answered 401 with it). Only that token: when
+    /// several requests fail with it at once, the first caller fetches a new one and
+    /// the others must not throw that away again.
+    pub async fn invalidate(&self, refused: &SecretValue) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|c| c.token == *refused) {
+            *cached = None;
+        }
     }
 }
 
@@ -482,16 +487,21 @@ mod tests {
         let cache = TokenCache::default();
         let fetches = std::sync::atomic::AtomicU32::new(0);
         let fetch = || async {
-            fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok((SecretValue::new("t".into()), Duration::from_secs(3600)))
+            let n = fetches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok((SecretValue::new(format!("t{n}")), Duration::from_secs(3600)))
         };
         cache.get("a", fetch).await.unwrap();
         cache.get("a", fetch).await.unwrap();
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
         cache.get("b", fetch).await.unwrap();
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 2);
-        cache.invalidate().await;
-        cache.get("b", fetch).await.unwrap();
+        let refused = cache.get("b", fetch).await.unwrap();
+        cache.invalidate(&refused).await;
+        let fresh = cache.get("b", fetch).await.unwrap();
+        assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
+        // A second request that failed with the old token keeps the fresh one.
+        cache.invalidate(&refused).await;
+        assert_eq!(cache.get("b", fetch).await.unwrap(), fresh);
         assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 3);
     }
 }
