@@ -10,17 +10,18 @@ use std::{fmt::Debug, sync::Arc, time::Duration};
 use futures::StreamExt;
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{Controller, controller::Action, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
-use serde_json::json;
 use tracing::warn;
 
 use crate::{
     providers::{self, provider_type},
-    reconciler::{Context, Error, MANAGER, Result, build_provider, comparable, set_condition},
-    resources::{ClusterKeyProvider, KeyProvider, KeyProviderSpec, ProviderStatus},
+    reconciler::{
+        Context, Error, Result, build_provider, comparable, provider_names, set_condition,
+        write_status,
+    },
+    resources::{ClusterKeyProvider, KeyProvider, KeyProviderSpec, ProviderKind, ProviderStatus},
 };
 
 /// How often a provider's credentials are looked at again without a spec change.
@@ -47,10 +48,10 @@ impl ProviderResource for KeyProvider {
         self.status.as_ref()
     }
     fn names(&self) -> (String, String) {
-        let (ns, name) = (self.namespace().unwrap_or_default(), self.name_any());
-        (
-            format!("KeyProvider/{ns}/{name}"),
-            format!("KeyProvider {ns}/{name}"),
+        provider_names(
+            ProviderKind::KeyProvider,
+            &self.namespace().unwrap_or_default(),
+            &self.name_any(),
         )
     }
     fn credentials_namespace(&self, _: &Context) -> String {
@@ -72,11 +73,7 @@ impl ProviderResource for ClusterKeyProvider {
         self.status.as_ref()
     }
     fn names(&self) -> (String, String) {
-        let name = self.name_any();
-        (
-            format!("ClusterKeyProvider/{name}"),
-            format!("ClusterKeyProvider {name}"),
-        )
+        provider_names(ProviderKind::ClusterKeyProvider, "", &self.name_any())
     }
     fn credentials_namespace(&self, ctx: &Context) -> String {
         ctx.settings.operator_namespace.clone()
@@ -112,17 +109,7 @@ async fn reconcile<P: ProviderResource>(provider: Arc<P>, ctx: Arc<Context>) -> 
     status.provider_type = Some(kind.to_owned());
     if comparable(&status) != comparable(&original) {
         let api = P::api(&ctx, provider.namespace().as_deref());
-        let patch = json!({
-            "apiVersion": P::api_version(&()),
-            "kind": P::kind(&()),
-            "status": status,
-        });
-        api.patch_status(
-            &provider.name_any(),
-            &PatchParams::apply(MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await?;
+        write_status(&api, &*provider, &status).await?;
     }
     Ok(Action::requeue(RECHECK))
 }

@@ -373,14 +373,19 @@ pub(crate) fn comparable<S: Serialize>(status: &S) -> serde_json::Value {
     v
 }
 
-async fn write_status<K: ManagedKey>(api: &Api<K>, key: &K, status: &KeyStatus) -> Result<()> {
+/// Writes an object's status with server-side apply (keys and providers alike).
+pub(crate) async fn write_status<R, S>(api: &Api<R>, object: &R, status: &S) -> Result<()>
+where
+    R: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
     let patch = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
+        "apiVersion": R::api_version(&()),
+        "kind": R::kind(&()),
         "status": status,
     });
     api.patch_status(
-        &key.name_any(),
+        &object.name_any(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(patch),
     )
@@ -417,7 +422,8 @@ async fn resolve<K: ManagedKey>(
 ) -> Result<Arc<dyn KeyApi>> {
     let namespace = key.namespace().unwrap_or_default();
     let reference = key.provider_ref();
-    let (spec, display, cluster, credentials_namespace) = match reference.kind {
+    let (id, display) = provider_names(reference.kind, &namespace, &reference.name);
+    let (spec, cluster, credentials_namespace) = match reference.kind {
         ProviderKind::KeyProvider => {
             let api: Api<KeyProvider> = Api::namespaced(ctx.client.clone(), &namespace);
             let provider = api.get_opt(&reference.name).await?.ok_or_else(|| Error::NotReady {
@@ -427,8 +433,7 @@ async fn resolve<K: ManagedKey>(
                     reference.name
                 ),
             })?;
-            let display = format!("KeyProvider {namespace}/{}", reference.name);
-            (provider.spec, display, false, namespace.clone())
+            (provider.spec, false, namespace.clone())
         }
         ProviderKind::ClusterKeyProvider => {
             let api: Api<ClusterKeyProvider> = Api::all(ctx.client.clone());
@@ -439,10 +444,8 @@ async fn resolve<K: ManagedKey>(
                     reference.name
                 ),
             })?;
-            let display = format!("ClusterKeyProvider {}", reference.name);
             (
                 providers::cluster_spec(&provider.spec),
-                display,
                 true,
                 ctx.settings.operator_namespace.clone(),
             )
@@ -475,12 +478,23 @@ async fn resolve<K: ManagedKey>(
         })?;
     }
 
-    let id = match reference.kind {
-        ProviderKind::KeyProvider => format!("KeyProvider/{namespace}/{}", reference.name),
-        ProviderKind::ClusterKeyProvider => format!("ClusterKeyProvider/{}", reference.name),
-    };
     metrics::global().resolved(&KeyRef::of(key), providers::provider_type(&spec));
     build_provider(ctx, id, display, spec, &credentials_namespace).await
+}
+
+/// `(id, display)` of a provider: the id keys the state kept across reconciles
+/// (`KeyProvider/<ns>/<name>`), the display names it in messages.
+pub(crate) fn provider_names(kind: ProviderKind, namespace: &str, name: &str) -> (String, String) {
+    match kind {
+        ProviderKind::KeyProvider => (
+            format!("KeyProvider/{namespace}/{name}"),
+            format!("KeyProvider {namespace}/{name}"),
+        ),
+        ProviderKind::ClusterKeyProvider => (
+            format!("ClusterKeyProvider/{name}"),
+            format!("ClusterKeyProvider {name}"),
+        ),
+    }
 }
 
 /// Reads a provider's credential Secret and builds its key API. Failures are
