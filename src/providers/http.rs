@@ -288,10 +288,13 @@ impl Http {
             .values()
             .filter(|v| v.expose().len() >= 4)
             .fold(text, |t, v| {
-                // As is, and as a URL carries it.
-                let encoded = Template::escape(v.expose(), Escape::Url);
-                t.replace(v.expose(), "<redacted>")
-                    .replace(&encoded, "<redacted>")
+                // As is, and as a URL or a JSON string (an upstream echoing a request
+                // body) carries it.
+                [Escape::Url, Escape::JsonString]
+                    .into_iter()
+                    .fold(t.replace(v.expose(), "<redacted>"), |t, escape| {
+                        t.replace(&Template::escape(v.expose(), escape), "<redacted>")
+                    })
             })
     }
 
@@ -336,14 +339,17 @@ impl Http {
         })?;
         let mut headers = HeaderMap::new();
         for (name, template) in &op.headers {
-            let value =
-                HeaderValue::from_str(&template.render(Escape::None, &lookup)).map_err(|_| {
+            let mut value = HeaderValue::from_str(&template.render(Escape::None, &lookup))
+                .map_err(|_| {
                     ProviderError::Misconfigured(format!(
                         "{}: {} does not render to a valid header value",
                         self.display,
                         template.field()
                     ))
                 })?;
+            // Like reqwest's own bearer/basic auth: kept out of Debug output and of
+            // HTTP/2 header compression tables.
+            value.set_sensitive(template.variables().any(|v| v.starts_with(CREDENTIALS)));
             headers.insert(name.clone(), value);
         }
         let body = match &op.body {
@@ -393,12 +399,12 @@ impl Http {
         } else {
             op.success.contains(&status)
         };
-        let parsed: Option<Json> = if reply.body.iter().all(u8::is_ascii_whitespace) {
-            Some(Json::Null)
+        let parsed = if reply.body.iter().all(u8::is_ascii_whitespace) {
+            Ok(Json::Null)
         } else {
-            serde_json::from_slice(&reply.body).ok()
+            reply.json::<Json>(&format!("{} {}", self.display, op.field("request")))
         };
-        if let Some(json) = &parsed {
+        if let Ok(json) = &parsed {
             if let Some(gone) = &op.fields.gone
                 && gone.first(json).is_some_and(|v| v != &Json::Bool(false))
             {
@@ -426,13 +432,9 @@ impl Http {
             return Err(self.refused(op, status, &reply.message()));
         }
         match parsed {
-            Some(json) => Ok(Answer::Done(json)),
-            None if op.fields_needed() => Err(self.redact_error(
-                reply
-                    .json::<Json>(&format!("{} {}", self.display, op.field("request")))
-                    .expect_err("the body did not parse"),
-            )),
-            None => Ok(Answer::Done(Json::Null)),
+            Ok(json) => Ok(Answer::Done(json)),
+            Err(e) if op.fields_needed() => Err(self.redact_error(e)),
+            Err(_) => Ok(Answer::Done(Json::Null)),
         }
     }
 
@@ -756,10 +758,20 @@ impl KeyApi for Http {
         };
         let f = &op.fields;
         let id = self.extract_text(f.id.as_ref().expect("checked in new"), &json)?;
-        let value = match self.extract_text(f.value.as_ref().expect("checked in new"), &json) {
+        let extracted = self
+            .extract_text(f.value.as_ref().expect("checked in new"), &json)
+            .and_then(|value| {
+                let expires_at = match &f.expires_at {
+                    Some(path) => self.extract_time(path, &json)?.or(requested_expiry),
+                    None => requested_expiry,
+                };
+                Ok((value, expires_at))
+            });
+        let (value, expires_at) = match extracted {
             Ok(v) => v,
             Err(e) => {
-                // A key without a usable value must not stay alive upstream.
+                // A key keyward cannot hand out (no usable value or expiry) must not
+                // stay alive upstream.
                 if let Err(revoke) = self.revoke(&id).await {
                     return Err(ProviderError::Refused {
                         reason: "UnexpectedResponse",
@@ -770,10 +782,6 @@ impl KeyApi for Http {
                 }
                 return Err(e);
             }
-        };
-        let expires_at = match &f.expires_at {
-            Some(path) => self.extract_time(path, &json)?.or(requested_expiry),
-            None => requested_expiry,
         };
         Ok(IssuedKey {
             id,
