@@ -36,10 +36,19 @@ const DEFAULT_PER_MINUTE: u32 = 600;
 const DEFAULT_BURST: u32 = 10;
 
 /// An answer that is not a retryable failure: 2xx, and 4xx other than 429.
-#[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub body: Vec<u8>,
+}
+
+/// The status and body length only: a 2xx body holds a key value or a token.
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("body_bytes", &self.body.len())
+            .finish()
+    }
 }
 
 impl Reply {
@@ -169,6 +178,8 @@ enum Outcome {
         why: String,
         retry_after: Option<Duration>,
     },
+    /// Sent, answer lost, and not safe to send again (see [`Transport::send`]).
+    Failed(String),
 }
 
 impl Transport {
@@ -189,7 +200,10 @@ impl Transport {
 
     /// Sends the request `build` makes (called again for every attempt), within the
     /// budget, retrying 429, 5xx and connection failures. Returns 2xx and 4xx answers
-    /// for the provider to interpret.
+    /// for the provider to interpret. A POST or PATCH whose answer was lost after it
+    /// was sent (a timeout, a broken body) is not sent again: it may have created a
+    /// key, and a second one would carry the same marker unseen. It fails instead,
+    /// the issuance attempt stays recorded, and orphan recovery finds what it made.
     pub async fn send(
         &self,
         operation: &'static str,
@@ -199,20 +213,29 @@ impl Transport {
         for attempt in 0..MAX_ATTEMPTS {
             self.budget.take().await;
             let started = Instant::now();
-            let outcome = self.attempt(build(&self.client)).await;
+            let outcome = match build(&self.client).build() {
+                Ok(request) => self.attempt(request).await,
+                Err(e) => Outcome::Failed(format!("error: {}", transport_error(&e))),
+            };
             let code = match &outcome {
                 Outcome::Done(r) => r.status.to_string(),
                 // "429 …", "503 …", or "error: …" for transport failures.
-                Outcome::Retry { why, .. } => {
+                Outcome::Retry { why, .. } | Outcome::Failed(why) => {
                     why.split([' ', ':']).next().unwrap_or("error").to_owned()
                 }
             };
             record(self.provider, operation, &code, started.elapsed());
             match outcome {
                 Outcome::Done(reply) => return Ok(reply),
+                Outcome::Failed(why) => {
+                    last = why;
+                    break;
+                }
                 Outcome::Retry { why, retry_after } => {
                     let wait = retry_after.unwrap_or_else(|| backoff(attempt));
-                    debug!(provider = self.provider, operation, attempt, reason = %why, wait = ?wait, "upstream asked to retry");
+                    // The code only: an upstream message may echo request data that
+                    // the http provider redacts from the returned error, not here.
+                    debug!(provider = self.provider, operation, attempt, code = %code, wait = ?wait, "upstream asked to retry");
                     last = why;
                     if retry_after.is_some() {
                         // The upstream throttles the credential, not one key: every
@@ -234,15 +257,31 @@ impl Transport {
         )))
     }
 
-    async fn attempt(&self, request: reqwest::RequestBuilder) -> Outcome {
-        let response = match request.send().await {
+    async fn attempt(&self, request: reqwest::Request) -> Outcome {
+        let replayable = !matches!(
+            *request.method(),
+            reqwest::Method::POST | reqwest::Method::PATCH
+        );
+        let lost = |why: String| {
+            if replayable {
+                Outcome::Retry {
+                    why,
+                    retry_after: None,
+                }
+            } else {
+                Outcome::Failed(why)
+            }
+        };
+        let response = match self.client.execute(request).await {
             Ok(r) => r,
-            Err(e) => {
+            // Not connected: nothing was sent, any request may go again.
+            Err(e) if e.is_connect() => {
                 return Outcome::Retry {
                     why: format!("error: {}", transport_error(&e)),
                     retry_after: None,
                 };
             }
+            Err(e) => return lost(format!("error: {}", transport_error(&e))),
         };
         let status = response.status().as_u16();
         let retry_after = response
@@ -253,10 +292,10 @@ impl Transport {
         let body = match response.bytes().await {
             Ok(b) => b.to_vec(),
             Err(e) => {
-                return Outcome::Retry {
-                    why: format!("error: reading the answer: {}", transport_error(&e)),
-                    retry_after: None,
-                };
+                return lost(format!(
+                    "error: reading the answer: {}",
+                    transport_error(&e)
+                ));
             }
         };
         let reply = Reply { status, body };
@@ -302,7 +341,14 @@ fn transport_error(e: &reqwest::Error) -> String {
         "request failed"
     };
     match e.url() {
-        Some(url) => format!("{kind} ({}://{})", url.scheme(), url.authority()),
+        // Host and port only: the authority may carry `user:password@`.
+        Some(url) => {
+            let host = url.host_str().unwrap_or_default();
+            match url.port() {
+                Some(port) => format!("{kind} ({}://{host}:{port})", url.scheme()),
+                None => format!("{kind} ({}://{host})", url.scheme()),
+            }
+        }
         None => kind.to_owned(),
     }
 }
@@ -480,6 +526,32 @@ mod tests {
             reply.message(),
             "HTTP 400: requested tags [tag:x] are invalid or not permitted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_create_whose_answer_was_lost_is_not_sent_again() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::AsyncReadExt;
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        // A server that reads each request and hangs up without answering.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://user:pw@{}/keys", listener.local_addr().unwrap());
+        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+            }
+        });
+        let transport = Transport::new("test", None);
+        let err = transport
+            .send("create key", |c| c.post(&url).body("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "sent once: {err}");
+        assert!(!err.to_string().contains("pw"), "{err}");
     }
 
     #[tokio::test]
