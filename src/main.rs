@@ -178,6 +178,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer()
         .await
         .context("loading the Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    // Leader election gets a client of its own, outside the request budget: a
+    // backlog of reconcile traffic must never delay the renewals that keep the Lease
+    // (client-go does the same).
+    let lease_client =
+        kube::Client::try_from(config.clone()).context("building the Kubernetes client")?;
     let client = kube::client::ClientBuilder::try_from(config)
         .context("building the Kubernetes client")?
         .with_layer(&RateLimitLayer::new(args.client_qps, args.client_burst))
@@ -217,7 +222,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let elector = leader::Elector::new(
-        client,
+        lease_client,
         leader::Config {
             lease_name: args.lease_name,
             namespace: args.operator_namespace,
@@ -238,11 +243,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // Graceful: in-flight reconciles finish before the Lease is let go.
         _ = reconciler::run(ctx, shutdown) => {
             leadership.release().await;
-            metrics::global().set_leader(false);
             Ok(())
         }
         _ = lost => {
-            metrics::global().set_leader(false);
             anyhow::bail!("lost the leader lease; exiting so that a standby takes over")
         }
     }
