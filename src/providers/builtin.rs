@@ -77,22 +77,7 @@ impl KeyApi for Builtin {
 
     async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError> {
         let created_at = Timestamp::now();
-        let expires_at = match request.lifetime {
-            Some(lifetime) => Some(
-                created_at
-                    .checked_add(jiff::SignedDuration::try_from(lifetime).map_err(|_| {
-                        ProviderError::Refused {
-                            reason: "ExpiryOutOfRange",
-                            message: "spec.expiry is too long".to_owned(),
-                        }
-                    })?)
-                    .map_err(|_| ProviderError::Refused {
-                        reason: "ExpiryOutOfRange",
-                        message: "spec.expiry is too long".to_owned(),
-                    })?,
-            ),
-            None => None,
-        };
+        let expires_at = super::expires_after(created_at, request.lifetime)?;
         // The id is independent of the value: it is shown in status and events.
         let id: String = Self::random(8)?
             .iter()

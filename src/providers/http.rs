@@ -710,18 +710,7 @@ impl KeyApi for Http {
     async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError> {
         let created_at = Timestamp::now();
         let created_at = Timestamp::from_second(created_at.as_second()).unwrap_or(created_at);
-        let requested_expiry = match request.lifetime {
-            Some(l) => Some(
-                jiff::SignedDuration::try_from(l)
-                    .ok()
-                    .and_then(|d| created_at.checked_add(d).ok())
-                    .ok_or_else(|| ProviderError::Refused {
-                        reason: "ExpiryOutOfRange",
-                        message: "spec.expiry is too long".to_owned(),
-                    })?,
-            ),
-            None => None,
-        };
+        let requested_expiry = super::expires_after(created_at, request.lifetime)?;
         let shape = &request.shape;
         let description = description(request);
         let vars = |name: &str| {

@@ -148,6 +148,38 @@ pub struct Refusal {
     pub message: String,
 }
 
+impl From<Refusal> for ProviderError {
+    fn from(r: Refusal) -> Self {
+        ProviderError::Refused {
+            reason: r.reason,
+            message: r.message,
+        }
+    }
+}
+
+/// When a key issued at `from` with `lifetime` expires (`None`: it does not).
+pub(crate) fn expires_after(
+    from: Timestamp,
+    lifetime: Option<Duration>,
+) -> Result<Option<Timestamp>, ProviderError> {
+    let Some(lifetime) = lifetime else {
+        return Ok(None);
+    };
+    jiff::SignedDuration::try_from(lifetime)
+        .ok()
+        .and_then(|l| from.checked_add(l).ok())
+        .map(Some)
+        .ok_or_else(|| ProviderError::Refused {
+            reason: "ExpiryOutOfRange",
+            message: "spec.expiry is too long".to_owned(),
+        })
+}
+
+/// An RFC 3339 time from an upstream answer; absent or unreadable is `None`.
+pub(crate) fn parse_time(value: Option<&str>) -> Option<Timestamp> {
+    value.and_then(|v| v.parse().ok())
+}
+
 /// One key API.
 #[async_trait]
 pub trait KeyApi: Send + Sync {

@@ -30,11 +30,11 @@ use jiff::{SignedDuration, Timestamp};
 use reqwest::Method;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use super::{
     Capabilities, Interrupted, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, ProviderError,
-    Refusal, SecretValue, Shared, transport::Reply,
+    Refusal, SecretValue, Shared, parse_time, transport::Reply,
 };
 use crate::resources::PrefectProvider;
 
@@ -115,10 +115,6 @@ struct BotKey {
 struct Role {
     id: String,
     name: String,
-}
-
-fn timestamp(value: Option<&str>) -> Option<Timestamp> {
-    value.and_then(|v| v.parse::<Timestamp>().ok())
 }
 
 fn rfc3339(t: Timestamp) -> String {
@@ -227,7 +223,6 @@ impl Prefect {
                 request
             })
             .await?;
-        debug!(operation, status = reply.status, "prefect answered");
         if matches!(reply.status, 401 | 403) {
             return Err(ProviderError::Refused {
                 reason: "CredentialsInvalid",
@@ -342,8 +337,8 @@ impl Prefect {
             }
             .id(),
             value: SecretValue::new(value),
-            created_at: timestamp(key.created.as_deref()).unwrap_or_else(Timestamp::now),
-            expires_at: timestamp(key.expiration.as_deref()),
+            created_at: parse_time(key.created.as_deref()).unwrap_or_else(Timestamp::now),
+            expires_at: parse_time(key.expiration.as_deref()),
         })
     }
 
@@ -467,33 +462,13 @@ impl KeyApi for Prefect {
     }
 
     async fn issue(&self, request: &IssueRequest) -> Result<IssuedKey, ProviderError> {
+        self.check(request)?;
         let shape = &request.shape;
-        let Some(name) = shape.service_account.as_deref() else {
-            return Err(ProviderError::Refused {
-                reason: "KindNotSupported",
-                message: "the prefect provider issues ServiceAccountKey keys only".to_owned(),
-            });
-        };
-        if request.overlap > MAX_OVERLAP {
-            return Err(ProviderError::Refused {
-                reason: "OverlapOutOfRange",
-                message: "rotation.overlap is above Prefect's 48h limit".to_owned(),
-            });
-        }
-        let expiration = match request.lifetime {
-            Some(lifetime) => {
-                let lifetime = SignedDuration::try_from(lifetime).ok();
-                Some(
-                    lifetime
-                        .and_then(|l| Timestamp::now().checked_add(l).ok())
-                        .ok_or_else(|| ProviderError::Refused {
-                            reason: "ExpiryOutOfRange",
-                            message: "spec.expiry is too long".to_owned(),
-                        })?,
-                )
-            }
-            None => None,
-        };
+        let name = shape
+            .service_account
+            .as_deref()
+            .expect("check() refuses a key without a service account");
+        let expiration = super::expires_after(Timestamp::now(), request.lifetime)?;
         let previous = request.previous.as_deref().and_then(KeyRef::parse);
         let mut found = self.bots_named(name).await?;
         if found.len() > 1 {
@@ -611,7 +586,7 @@ impl KeyApi for Prefect {
             // Rotated away (by keyward's own interrupted attempt, or out of band).
             return Ok(KeyState::Revoked);
         };
-        Ok(match timestamp(current.expiration.as_deref()) {
+        Ok(match parse_time(current.expiration.as_deref()) {
             Some(at) if at <= Timestamp::now() => KeyState::Expired,
             _ => KeyState::Valid,
         })
@@ -655,7 +630,7 @@ impl KeyApi for Prefect {
             if held.iter().any(|k| k.bot == bot.id) {
                 continue;
             }
-            let created = timestamp(bot.created.as_deref());
+            let created = parse_time(bot.created.as_deref());
             if created.is_none_or(|c| c < since) {
                 continue;
             }
