@@ -58,6 +58,8 @@ enum Credential {
     OAuth {
         client_id: String,
         secret: SecretValue,
+        /// Which client the cached access token belongs to (computed once).
+        fingerprint: String,
     },
 }
 
@@ -200,10 +202,14 @@ impl Tailscale {
         };
         let credential = match (&spec.api_key_secret_ref, &spec.oauth) {
             (Some(r), None) => Credential::Token(read(&r.key)?),
-            (None, Some(o)) => Credential::OAuth {
-                client_id: o.client_id.clone(),
-                secret: read(&o.client_secret_ref.key)?,
-            },
+            (None, Some(o)) => {
+                let secret = read(&o.client_secret_ref.key)?;
+                Credential::OAuth {
+                    fingerprint: fingerprint(&[o.client_id.as_bytes(), secret.expose().as_bytes()]),
+                    client_id: o.client_id.clone(),
+                    secret,
+                }
+            }
             _ => {
                 return Err(ProviderError::Misconfigured(format!(
                     "{display}: tailscale needs exactly one of apiKeySecretRef or oauth"
@@ -261,14 +267,15 @@ impl Tailscale {
 
     /// An OAuth access token from the provider's cache, fetched when missing, expiring
     /// or issued for a different client.
-    async fn access_token(&self) -> Result<SecretValue, ProviderError> {
-        let Credential::OAuth { client_id, secret } = &self.credential else {
-            unreachable!("only OAuth providers fetch access tokens");
-        };
-        let print = fingerprint(&[client_id.as_bytes(), secret.expose().as_bytes()]);
+    async fn access_token(
+        &self,
+        client_id: &str,
+        secret: &SecretValue,
+        fingerprint: &str,
+    ) -> Result<SecretValue, ProviderError> {
         self.shared
             .tokens
-            .get(&print, || async {
+            .get(fingerprint, || async {
                 let body = form(&[
                     ("grant_type", "client_credentials"),
                     ("client_id", client_id),
@@ -325,8 +332,12 @@ impl Tailscale {
                         .await?;
                     (reply, None)
                 }
-                Credential::OAuth { .. } => {
-                    let token = self.access_token().await?;
+                Credential::OAuth {
+                    client_id,
+                    secret,
+                    fingerprint,
+                } => {
+                    let token = self.access_token(client_id, secret, fingerprint).await?;
                     let reply = self
                         .shared
                         .transport
@@ -537,12 +548,14 @@ impl KeyApi for Tailscale {
             return Err(self.refusal("list keys", &reply, &[]));
         }
         let list: ListAnswer = reply.json("list keys")?;
+        // A list that carries ids only (no item has a description): read each key. A
+        // list with descriptions is read as is, so keys without one cost no request.
+        let ids_only = list.keys.iter().all(|k| k.description.is_none());
         let mut found = Vec::new();
         for item in list.keys {
             let description = match item.description {
-                Some(d) => Some(d),
-                // Lists that carry ids only: read each key.
-                None => self.get(&item.id).await?.and_then(|k| k.description),
+                None if ids_only => self.get(&item.id).await?.and_then(|k| k.description),
+                d => d,
             };
             if description.as_deref().is_some_and(carries) {
                 found.push(item.id);
