@@ -160,11 +160,6 @@ impl Faults {
             .count()
     }
 
-    /// Forgets the request log (queued faults stay).
-    pub fn reset_log(&self) {
-        self.state.lock().unwrap().log.clear();
-    }
-
     fn take(&self, path: &str) -> (Option<Fault>, Duration) {
         let mut state = self.state.lock().unwrap();
         let position = state
@@ -245,4 +240,33 @@ pub fn random_alnum(len: usize) -> String {
         }
     }
     out
+}
+
+/// A random version-4 UUID, as Prefect's ids are (REST and GraphQL alike).
+pub fn uuid4() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("operating system RNG");
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Whether `s` is a UUID in its canonical 36-character form.
+pub fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        })
 }

@@ -62,7 +62,7 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::{Faults, Server, random_alnum};
+use crate::{Faults, Server, is_uuid, random_alnum, uuid4};
 
 /// The longest time a rotated-away key may keep working: 48 hours.
 pub const MAX_OLD_KEY_SECONDS: i64 = 172_800;
@@ -144,34 +144,6 @@ pub struct Prefect {
     server: Server,
     faults: Arc<Faults>,
     state: Shared,
-}
-
-/// A random version-4 UUID, as Prefect's ids are.
-pub fn uuid4() -> String {
-    let mut b = [0u8; 16];
-    getrandom::fill(&mut b).expect("operating system RNG");
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| {
-            if [8, 13, 18, 23].contains(&i) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        })
 }
 
 impl Prefect {

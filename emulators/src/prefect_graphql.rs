@@ -49,7 +49,7 @@ use axum::{
 use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
-use crate::{Faults, Server, random_alnum};
+use crate::{Faults, Server, is_uuid, random_alnum, uuid4};
 
 /// An API key as the emulator holds it, value included (for test assertions).
 #[derive(Clone, Debug)]
@@ -132,7 +132,7 @@ impl PrefectGraphql {
 
     /// Registers a tenant admin with an API key that never expires.
     pub fn add_admin(&self) -> Admin {
-        let user_id = uuid();
+        let user_id = uuid4();
         let mut state = self.lock();
         state.users.insert(
             user_id.clone(),
@@ -150,7 +150,7 @@ impl PrefectGraphql {
 
     /// Registers a service account of the tenant; returns its user id.
     pub fn add_service_account(&self) -> String {
-        let id = uuid();
+        let id = uuid4();
         self.lock().users.insert(
             id.clone(),
             User {
@@ -212,30 +212,6 @@ impl PrefectGraphql {
     }
 }
 
-fn uuid() -> String {
-    let hex: String = random_alnum(64)
-        .bytes()
-        .map(|b| char::from(b"0123456789abcdef"[usize::from(b % 16)]))
-        .take(32)
-        .collect();
-    format!(
-        "{}-{}-4{}-a{}-{}",
-        &hex[..8],
-        &hex[8..12],
-        &hex[13..16],
-        &hex[17..20],
-        &hex[20..32]
-    )
-}
-
-fn is_uuid(s: &str) -> bool {
-    s.len() == 36
-        && s.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        })
-}
-
 fn new_key(
     state: &mut Inner,
     user_id: &str,
@@ -244,7 +220,7 @@ fn new_key(
     expires_at: Option<Timestamp>,
 ) -> ApiKey {
     let key = ApiKey {
-        id: uuid(),
+        id: uuid4(),
         user_id: user_id.to_owned(),
         name: name.to_owned(),
         value: random_alnum(40),
