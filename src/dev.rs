@@ -148,11 +148,7 @@ async fn is_ready(client: &Client, kind: &str, name: &str) -> anyhow::Result<boo
                 .status
         }
     };
-    Ok(status.is_some_and(|s| {
-        s.conditions
-            .iter()
-            .any(|c| c.type_ == "Ready" && c.status == "True")
-    }))
+    Ok(status.is_some_and(|s| s.is_ready()))
 }
 
 /// What `kubectl get <plural>` shows: the API server's own Table rendering.

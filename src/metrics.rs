@@ -266,11 +266,7 @@ impl Metrics {
             provider
         };
         let labels = Self::key_labels(key, provider);
-        let ready = status.is_some_and(|s| {
-            s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
-        });
+        let ready = status.is_some_and(KeyStatus::is_ready);
         self.key_ready.get_or_create(&labels).set(ready.into());
         let seconds = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
             t.map(|t| t.0.as_millisecond() as f64 / 1000.0)

@@ -290,6 +290,15 @@ pub struct ServiceAccountKeySpec {
     pub deletion_policy: DeletionPolicy,
 }
 
+impl KeyStatus {
+    /// Whether the `Ready` condition is `True`.
+    pub fn is_ready(&self) -> bool {
+        self.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    }
+}
+
 /// A previous key waiting out its overlap before it is revoked.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
