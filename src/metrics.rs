@@ -20,7 +20,7 @@ use prometheus_client::{
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 use crate::resources::KeyStatus;
@@ -126,6 +126,12 @@ fn seconds_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 14))
 }
 
+/// Registers `metric` and hands it back, so each metric is declared in one place.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 /// The process-wide metrics.
 pub fn global() -> &'static Metrics {
     static GLOBAL: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -138,74 +144,73 @@ pub const QUEUE_DEPTH_HELP: &str = "Approximate work queue of the controller: re
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("keyward");
-        let m = Self {
-            key_expiry: Family::default(),
-            key_renewal: Family::default(),
-            key_ready: Family::default(),
-            rotations: Family::default(),
-            revocations: Family::default(),
-            failures: Family::default(),
-            upstream_requests: Family::default(),
-            upstream_duration: Family::new_with_constructor(seconds_histogram),
-            reconcile_duration: Family::new_with_constructor(seconds_histogram),
-            queue_depth: Family::default(),
-            leader: Gauge::default(),
+        let r = &mut registry;
+        Self {
+            key_expiry: register(
+                r,
+                "key_expiry_timestamp_seconds",
+                "When the key currently in the Secret expires (Unix seconds); absent for keys without expiry",
+                Family::default(),
+            ),
+            key_renewal: register(
+                r,
+                "key_renewal_timestamp_seconds",
+                "When keyward will renew the key (Unix seconds); absent when the key is never renewed",
+                Family::default(),
+            ),
+            key_ready: register(
+                r,
+                "key_ready",
+                "1 when the key resource's Ready condition is True, else 0",
+                Family::default(),
+            ),
+            rotations: register(
+                r,
+                "rotations",
+                "Keys issued (first issue and every rotation), by lifecycle trigger reason",
+                Family::default(),
+            ),
+            revocations: register(
+                r,
+                "revocations",
+                "Keys revoked upstream (retired after rotation, orphans, and on delete)",
+                Family::default(),
+            ),
+            failures: register(
+                r,
+                "failures",
+                "Failed operations: issue, revoke, inspect (provider calls) and resolve (finding the provider, its policy and credentials)",
+                Family::default(),
+            ),
+            upstream_requests: register(
+                r,
+                "upstream_requests",
+                "HTTP requests to provider APIs, by status code (`error` when no response arrived)",
+                Family::default(),
+            ),
+            upstream_duration: register(
+                r,
+                "upstream_request_duration_seconds",
+                "Duration of HTTP requests to provider APIs",
+                Family::new_with_constructor(seconds_histogram),
+            ),
+            reconcile_duration: register(
+                r,
+                "reconcile_duration_seconds",
+                "Duration of one reconcile of a key resource, by result (ok or error)",
+                Family::new_with_constructor(seconds_histogram),
+            ),
+            queue_depth: register(r, "queue_depth", QUEUE_DEPTH_HELP, Family::default()),
+            leader: register(
+                r,
+                "leader",
+                "1 while this process runs the controllers (holds the lease, or runs without leader election), else 0",
+                Gauge::default(),
+            ),
             keys: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
-            registry: Registry::default(),
-        };
-        registry.register(
-            "key_expiry_timestamp_seconds",
-            "When the key currently in the Secret expires (Unix seconds); absent for keys without expiry",
-            m.key_expiry.clone(),
-        );
-        registry.register(
-            "key_renewal_timestamp_seconds",
-            "When keyward will renew the key (Unix seconds); absent when the key is never renewed",
-            m.key_renewal.clone(),
-        );
-        registry.register(
-            "key_ready",
-            "1 when the key resource's Ready condition is True, else 0",
-            m.key_ready.clone(),
-        );
-        registry.register(
-            "rotations",
-            "Keys issued (first issue and every rotation), by lifecycle trigger reason",
-            m.rotations.clone(),
-        );
-        registry.register(
-            "revocations",
-            "Keys revoked upstream (retired after rotation, orphans, and on delete)",
-            m.revocations.clone(),
-        );
-        registry.register(
-            "failures",
-            "Failed operations: issue, revoke, inspect (provider calls) and resolve (finding the provider, its policy and credentials)",
-            m.failures.clone(),
-        );
-        registry.register(
-            "upstream_requests",
-            "HTTP requests to provider APIs, by status code (`error` when no response arrived)",
-            m.upstream_requests.clone(),
-        );
-        registry.register(
-            "upstream_request_duration_seconds",
-            "Duration of HTTP requests to provider APIs",
-            m.upstream_duration.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Duration of one reconcile of a key resource, by result (ok or error)",
-            m.reconcile_duration.clone(),
-        );
-        registry.register("queue_depth", QUEUE_DEPTH_HELP, m.queue_depth.clone());
-        registry.register(
-            "leader",
-            "1 while this process runs the controllers (holds the lease, or runs without leader election), else 0",
-            m.leader.clone(),
-        );
-        Self { registry, ..m }
+            registry,
+        }
     }
 
     /// The registry in the OpenMetrics text format.
