@@ -27,6 +27,12 @@ async fn create(client: &Client, ts: &Tailscale, token: &str, body: Value) -> (S
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// A GET with a bearer token, answered with JSON.
+async fn get_json(client: &Client, url: impl reqwest::IntoUrl, token: &str) -> Value {
+    let response = client.get(url).bearer_auth(token).send().await.unwrap();
+    response.json().await.unwrap()
+}
+
 fn body(tags: &[&str], description: &str) -> Value {
     json!({
         "capabilities": {"devices": {"create": {
@@ -83,29 +89,13 @@ async fn create_returns_the_key_once_and_get_never_does() {
     assert!(!got.to_string().contains(value));
     assert!(got.get("invalid").is_none());
 
-    let list: Value = client
-        .get(keys_url(&ts))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&client, keys_url(&ts), &token).await;
     assert_eq!(
         list,
         json!({"keys": [{"id": id, "description": "edge nodes"}]})
     );
     ts.set_list_ids_only(true);
-    let list: Value = client
-        .get(keys_url(&ts))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&client, keys_url(&ts), &token).await;
     assert_eq!(list, json!({"keys": [{"id": id}]}));
 }
 
@@ -118,15 +108,7 @@ async fn delete_revokes_and_a_second_delete_is_404() {
     let url = format!("{}/{}", keys_url(&ts), created["id"].as_str().unwrap());
     let delete = || client.delete(&url).bearer_auth(&token).send();
     assert_eq!(delete().await.unwrap().status(), StatusCode::OK);
-    let got: Value = client
-        .get(&url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let got: Value = get_json(&client, &url, &token).await;
     assert_eq!(got["invalid"], true);
     assert!(got["revoked"].is_string());
     let again = delete().await.unwrap();
@@ -238,15 +220,7 @@ async fn oauth_tokens_last_an_hour_and_keys_need_the_clients_tags() {
 
     // OAuth keys belong to the tailnet: a user's token does not see them.
     let user = ts.add_api_token("alice@example.com");
-    let list: Value = client
-        .get(keys_url(&ts))
-        .bearer_auth(&user)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = get_json(&client, keys_url(&ts), &user).await;
     assert_eq!(list["keys"], json!([]));
 
     ts.advance(Duration::from_secs(3601));
@@ -305,17 +279,7 @@ async fn one_off_keys_are_used_up_and_console_revocation_and_expiry_invalidate()
         let client = client.clone();
         let url = format!("{}/{id}", keys_url(&ts));
         let token = token.clone();
-        async move {
-            client
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json::<Value>()
-                .await
-                .unwrap()
-        }
+        async move { get_json(&client, url, &token).await }
     };
     for id in [&a, &b, &c] {
         assert_eq!(get(id.clone()).await["invalid"], true, "{id}");
