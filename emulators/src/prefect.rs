@@ -616,12 +616,13 @@ fn paging(map: &Map<String, Value>) -> Result<(usize, usize), Response> {
     ))
 }
 
-async fn me_workspaces(State(state): State<Shared>, headers: HeaderMap) -> Response {
+async fn me_workspaces(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    if let Err(r) = authenticate(&state, &headers) {
-        return r;
-    }
-    Json(json!([{
+    authenticate(&state, &headers)?;
+    Ok(Json(json!([{
         "account_id": state.account_id,
         "account_name": "Emulated",
         "account_handle": "emulated",
@@ -630,7 +631,7 @@ async fn me_workspaces(State(state): State<Shared>, headers: HeaderMap) -> Respo
         "workspace_description": "",
         "workspace_handle": "default",
     }]))
-    .into_response()
+    .into_response())
 }
 
 async fn filter_roles(
@@ -638,15 +639,10 @@ async fn filter_roles(
     Path(account_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    if let Err(r) = authorize(&state, &headers, &account_id) {
-        return r;
-    }
-    let filter = match ListFilter::parse(&body, "account_roles") {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    authorize(&state, &headers, &account_id)?;
+    let filter = ListFilter::parse(&body, "account_roles")?;
     let roles: Vec<Value> = filter
         .select(state.roles.iter(), |r| (&r.name, &r.id))
         .map(|r| {
@@ -661,7 +657,7 @@ async fn filter_roles(
             })
         })
         .collect();
-    Json(roles).into_response()
+    Ok(Json(roles).into_response())
 }
 
 #[derive(Deserialize)]
@@ -691,61 +687,55 @@ async fn create_bot(
     Path(account_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    if let Err(r) = authorize(&state, &headers, &account_id) {
-        return r;
-    }
-    let map = match object(
+    authorize(&state, &headers, &account_id)?;
+    let map = object(
         &body,
         &["name", "api_key_expiration", "account_role_id"],
         false,
-    ) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+    )?;
     let name = match map.get("name") {
         Some(Value::String(n)) if !n.is_empty() => n.clone(),
         Some(Value::String(_)) => {
-            return invalid(
+            return Err(invalid(
                 &["body", "name"],
                 "string_too_short",
                 "String should have at least 1 character",
-            );
+            ));
         }
-        None => return invalid(&["body", "name"], "missing", "Field required"),
+        None => return Err(invalid(&["body", "name"], "missing", "Field required")),
         Some(_) => {
-            return invalid(
+            return Err(invalid(
                 &["body", "name"],
                 "string_type",
                 "Input should be a valid string",
-            );
+            ));
         }
     };
-    let expiration = match datetime(&map, "api_key_expiration") {
-        Ok(e) => e,
-        Err(r) => return r,
-    };
-    let role_id = match account_role_id(&state, &map) {
-        Ok(Some(id)) => id,
-        Ok(None) => state
+    let expiration = datetime(&map, "api_key_expiration")?;
+    let role_id = match account_role_id(&state, &map)? {
+        Some(id) => id,
+        None => state
             .roles
             .iter()
             .find(|r| r.name == "Member")
             .expect("system role")
             .id
             .clone(),
-        Err(r) => return r,
     };
     if state.bots.values().any(|b| b.name == name) {
-        return detail(StatusCode::CONFLICT, "A bot with this name already exists.");
+        return Err(detail(
+            StatusCode::CONFLICT,
+            "A bot with this name already exists.",
+        ));
     }
     state
         .bodies
         .push(("create".to_owned(), Value::Object(map.clone())));
     let (bot, _) = new_bot(&mut state, &name, role_id, expiration.map(second));
     let out = bot_json(&state, &bot, true);
-    (StatusCode::CREATED, Json(out)).into_response()
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 async fn filter_bots(
@@ -753,20 +743,15 @@ async fn filter_bots(
     Path(account_id): Path<String>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    if let Err(r) = authorize(&state, &headers, &account_id) {
-        return r;
-    }
-    let filter = match ListFilter::parse(&body, "service_accounts") {
-        Ok(f) => f,
-        Err(r) => return r,
-    };
+    authorize(&state, &headers, &account_id)?;
+    let filter = ListFilter::parse(&body, "service_accounts")?;
     let bots: Vec<Value> = filter
         .select(state.bots.values(), |b| (&b.name, &b.id))
         .map(|b| bot_json(&state, b, false))
         .collect();
-    Json(bots).into_response()
+    Ok(Json(bots).into_response())
 }
 
 /// Authorizes and finds the bot of a `…/bots/{id}…` route.
@@ -788,12 +773,10 @@ async fn read_bot(
     State(state): State<Shared>,
     Path(path): Path<AccountAndBot>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    match bot_route(&state, &headers, &path) {
-        Ok(bot) => Json(bot_json(&state, &bot, false)).into_response(),
-        Err(r) => r,
-    }
+    let bot = bot_route(&state, &headers, &path)?;
+    Ok(Json(bot_json(&state, &bot, false)).into_response())
 }
 
 /// `PATCH …/bots/{id}` with `name` and / or `account_role_id`; 204 without a body.
@@ -802,35 +785,29 @@ async fn update_bot(
     Path(path): Path<AccountAndBot>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    let bot = match bot_route(&state, &headers, &path) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let map = match object(&body, &["name", "account_role_id"], false) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
+    let bot = bot_route(&state, &headers, &path)?;
+    let map = object(&body, &["name", "account_role_id"], false)?;
     let name = match map.get("name") {
         None | Some(Value::Null) => None,
         Some(Value::String(n)) if !n.is_empty() => Some(n.clone()),
         Some(_) => {
-            return invalid(
+            return Err(invalid(
                 &["body", "name"],
                 "string_type",
                 "Input should be a valid string",
-            );
+            ));
         }
     };
-    let role = match account_role_id(&state, &map) {
-        Ok(r) => r,
-        Err(r) => return r,
-    };
+    let role = account_role_id(&state, &map)?;
     if let Some(n) = &name
         && state.bots.values().any(|b| &b.name == n && b.id != bot.id)
     {
-        return detail(StatusCode::CONFLICT, "A bot with this name already exists.");
+        return Err(detail(
+            StatusCode::CONFLICT,
+            "A bot with this name already exists.",
+        ));
     }
     state
         .bodies
@@ -844,7 +821,7 @@ async fn update_bot(
         b.role_id = r;
     }
     b.updated = now;
-    StatusCode::NO_CONTENT.into_response()
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 impl Prefect {
@@ -860,19 +837,16 @@ async fn delete_bot(
     State(state): State<Shared>,
     Path(path): Path<AccountAndBot>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    let bot = match bot_route(&state, &headers, &path) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let bot = bot_route(&state, &headers, &path)?;
     state.bots.remove(&bot.id);
     for key in state.keys.values_mut() {
         if key.bot.as_deref() == Some(bot.id.as_str()) {
             key.deleted = true;
         }
     }
-    StatusCode::NO_CONTENT.into_response()
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn rotate_api_key(
@@ -880,48 +854,39 @@ async fn rotate_api_key(
     Path(path): Path<AccountAndBot>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    let bot = match bot_route(&state, &headers, &path) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let map = match object(
+    let bot = bot_route(&state, &headers, &path)?;
+    let map = object(
         &body,
         &["api_key_expiration", "old_key_expires_in_seconds"],
         false,
-    ) {
-        Ok(m) => m,
-        Err(r) => return r,
-    };
-    let expiration = match datetime(&map, "api_key_expiration") {
-        Ok(e) => e,
-        Err(r) => return r,
-    };
+    )?;
+    let expiration = datetime(&map, "api_key_expiration")?;
     let grace = match map.get("old_key_expires_in_seconds") {
         None | Some(Value::Null) => None,
         Some(v) => match v.as_i64() {
             Some(s) if s < 0 => {
-                return invalid(
+                return Err(invalid(
                     &["body", "old_key_expires_in_seconds"],
                     "greater_than_equal",
                     "Input should be greater than or equal to 0",
-                );
+                ));
             }
             Some(s) if s > MAX_OLD_KEY_SECONDS => {
-                return invalid(
+                return Err(invalid(
                     &["body", "old_key_expires_in_seconds"],
                     "less_than_equal",
                     "Input should be less than or equal to 172800",
-                );
+                ));
             }
             Some(s) => Some(s),
             None => {
-                return invalid(
+                return Err(invalid(
                     &["body", "old_key_expires_in_seconds"],
                     "int_type",
                     "Input should be a valid integer",
-                );
+                ));
             }
         },
     };
@@ -948,19 +913,16 @@ async fn rotate_api_key(
         b.clone()
     };
     let out = bot_json(&state, &bot, true);
-    (StatusCode::CREATED, Json(out)).into_response()
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 async fn read_bot_api_keys(
     State(state): State<Shared>,
     Path(path): Path<AccountAndBot>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    let bot = match bot_route(&state, &headers, &path) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
+    let bot = bot_route(&state, &headers, &path)?;
     let now = state.now();
     let active = state.keys.get(&bot.active_key).expect("active key");
     let rotating: Vec<Value> = state
@@ -970,7 +932,10 @@ async fn read_bot_api_keys(
         .filter(|k| k.is_valid(now))
         .map(|k| key_json(k, false))
         .collect();
-    Json(json!({"active_key": key_json(active, false), "rotating_keys": rotating})).into_response()
+    Ok(
+        Json(json!({"active_key": key_json(active, false), "rotating_keys": rotating}))
+            .into_response(),
+    )
 }
 
 #[derive(Deserialize)]
@@ -984,32 +949,27 @@ async fn delete_bot_api_key(
     State(state): State<Shared>,
     Path(path): Path<AccountBotKey>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
     let route = AccountAndBot {
         account_id: path.account_id,
         id: path.id,
     };
-    let bot = match bot_route(&state, &headers, &route) {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    if let Err(r) = path_uuid("api_key_id", &path.api_key_id) {
-        return r;
-    }
+    let bot = bot_route(&state, &headers, &route)?;
+    path_uuid("api_key_id", &path.api_key_id)?;
     if path.api_key_id == bot.active_key {
-        return detail(
+        return Err(detail(
             StatusCode::BAD_REQUEST,
             "The active API key cannot be deleted; rotate it first.",
-        );
+        ));
     }
     let now = state.now();
     match state.keys.get_mut(&path.api_key_id) {
         Some(k) if k.bot.as_deref() == Some(bot.id.as_str()) && k.is_valid(now) => {
             k.deleted = true;
-            StatusCode::NO_CONTENT.into_response()
+            Ok(StatusCode::NO_CONTENT.into_response())
         }
-        _ => detail(StatusCode::NOT_FOUND, "API key not found."),
+        _ => Err(detail(StatusCode::NOT_FOUND, "API key not found.")),
     }
 }
 

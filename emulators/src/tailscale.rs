@@ -366,40 +366,35 @@ fn bearer_or_basic(headers: &HeaderMap) -> Option<String> {
     Some(user.to_owned())
 }
 
-/// A refusal: status and `{"message"}`.
-type Refusal = (StatusCode, &'static str);
-
-fn refuse((status, message): Refusal) -> Response {
-    error(status, message)
-}
-
-/// Authenticates, checks the tailnet and the scope.
+/// Authenticates, checks the tailnet and the scope; `Err` is the finished refusal
+/// (the size of `Response` does not matter in an emulator).
+#[allow(clippy::result_large_err)]
 fn authorize(
     state: &Inner,
     headers: &HeaderMap,
     tailnet: &str,
     write: bool,
-) -> Result<Caller, Refusal> {
-    const INVALID: Refusal = (StatusCode::UNAUTHORIZED, "API token invalid");
-    let token = bearer_or_basic(headers).ok_or(INVALID)?;
+) -> Result<Caller, Response> {
+    let invalid = || error(StatusCode::UNAUTHORIZED, "API token invalid");
+    let token = bearer_or_basic(headers).ok_or_else(invalid)?;
     let caller = if let Some(user) = state.api_tokens.get(&token) {
         Caller::User(user.clone())
     } else if let Some(access) = state.access_tokens.get(&token) {
         if access.expires <= state.now() {
-            return Err((StatusCode::UNAUTHORIZED, "API token expired"));
+            return Err(error(StatusCode::UNAUTHORIZED, "API token expired"));
         }
         Caller::OAuth {
             client_id: access.client_id.clone(),
             scopes: access.scopes.clone(),
         }
     } else {
-        return Err(INVALID);
+        return Err(invalid());
     };
     if tailnet != "-" && tailnet != state.tailnet {
-        return Err((StatusCode::NOT_FOUND, "tailnet not found"));
+        return Err(error(StatusCode::NOT_FOUND, "tailnet not found"));
     }
     if !caller.may(write) {
-        return Err((
+        return Err(error(
             StatusCode::FORBIDDEN,
             "calling actor does not have enough permissions to perform this function",
         ));
@@ -617,48 +612,45 @@ async fn create_key(
     query: Result<Query<AllQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Bytes,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    let caller = match authorize(&state, &headers, &tailnet, true) {
-        Ok(c) => c,
-        Err(r) => return refuse(r),
-    };
+    let caller = authorize(&state, &headers, &tailnet, true)?;
     if let Err(e) = query {
-        return error(StatusCode::BAD_REQUEST, e.body_text());
+        return Err(error(StatusCode::BAD_REQUEST, e.body_text()));
     }
     let request: CreateKeyRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("invalid request body: {e}"),
-            );
+            ));
         }
     };
     let create = request.capabilities.devices.create.unwrap_or_default();
     let description = request.description.unwrap_or_default();
     if description.chars().count() > DESCRIPTION_MAX {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             format!("description must be at most {DESCRIPTION_MAX} characters"),
-        );
+        ));
     }
     if !description
         .chars()
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == ' ')
     {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "description may contain only letters, digits, hyphens and spaces",
-        );
+        ));
     }
     let expiry = match request.expiry_seconds {
         None | Some(0) => MAX_EXPIRY_SECONDS,
         Some(s) if s > MAX_EXPIRY_SECONDS => {
-            return error(
+            return Err(error(
                 StatusCode::BAD_REQUEST,
                 format!("expirySeconds must be at most {MAX_EXPIRY_SECONDS} (90 days)"),
-            );
+            ));
         }
         Some(s) => s,
     };
@@ -673,7 +665,7 @@ async fn create_key(
         )
     };
     if !tags.iter().all(|t| valid_tag(t)) {
-        return tags_refused();
+        return Err(tags_refused());
     }
     if let Caller::OAuth { client_id, .. } = &caller {
         let allowed: BTreeSet<&String> = state
@@ -682,7 +674,7 @@ async fn create_key(
             .map(|c| c.tags.iter().collect())
             .unwrap_or_default();
         if tags.is_empty() || !tags.iter().all(|t| allowed.contains(t)) {
-            return tags_refused();
+            return Err(tags_refused());
         }
     }
     state
@@ -708,7 +700,7 @@ async fn create_key(
     };
     let body = key_json(&key, now, true);
     state.keys.insert(id, key);
-    Json(body).into_response()
+    Ok(Json(body).into_response())
 }
 
 /// The key if the caller may see it.
@@ -720,15 +712,12 @@ async fn get_key(
     State(state): State<Shared>,
     Path((tailnet, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    let caller = match authorize(&state, &headers, &tailnet, false) {
-        Ok(c) => c,
-        Err(r) => return refuse(r),
-    };
+    let caller = authorize(&state, &headers, &tailnet, false)?;
     match visible(&state, &caller, &id) {
-        Some(key) => Json(key_json(key, state.now(), false)).into_response(),
-        None => error(StatusCode::NOT_FOUND, "key not found"),
+        Some(key) => Ok(Json(key_json(key, state.now(), false)).into_response()),
+        None => Err(error(StatusCode::NOT_FOUND, "key not found")),
     }
 }
 
@@ -737,15 +726,12 @@ async fn list_keys(
     Path(tailnet): Path<String>,
     query: Result<Query<AllQuery>, QueryRejection>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let state = state.lock().unwrap();
-    let caller = match authorize(&state, &headers, &tailnet, false) {
-        Ok(c) => c,
-        Err(r) => return refuse(r),
-    };
+    let caller = authorize(&state, &headers, &tailnet, false)?;
     let all = match query {
         Ok(Query(q)) => q.all.unwrap_or(false),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        Err(e) => return Err(error(StatusCode::BAD_REQUEST, e.body_text())),
     };
     let now = state.now();
     let keys: Vec<Value> = state
@@ -760,25 +746,22 @@ async fn list_keys(
             }
         })
         .collect();
-    Json(json!({ "keys": keys })).into_response()
+    Ok(Json(json!({ "keys": keys })).into_response())
 }
 
 async fn delete_key(
     State(state): State<Shared>,
     Path((tailnet, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, Response> {
     let mut state = state.lock().unwrap();
-    let caller = match authorize(&state, &headers, &tailnet, true) {
-        Ok(c) => c,
-        Err(r) => return refuse(r),
-    };
+    let caller = authorize(&state, &headers, &tailnet, true)?;
     let now = state.now();
     if !visible(&state, &caller, &id).is_some_and(|k| k.is_valid(now)) {
-        return error(StatusCode::NOT_FOUND, "key not found");
+        return Err(error(StatusCode::NOT_FOUND, "key not found"));
     }
     if let Some(key) = state.keys.get_mut(&id) {
         key.revoked = Some(now);
     }
-    StatusCode::OK.into_response()
+    Ok(StatusCode::OK.into_response())
 }
