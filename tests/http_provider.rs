@@ -17,60 +17,41 @@ use keyward_emulators::{
     prefect_graphql::{Admin, PrefectGraphql},
 };
 use kube::{
-    Api, Client,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    Api,
+    api::{DeleteParams, ListParams},
 };
 use serde_json::{Value, json};
 
-use common::{Controller, TestNamespace, WAIT, eventually, upstream::CrashOnce};
+use common::{Cluster, WAIT, eventually};
 
 const EXAMPLE: &str = include_str!("../examples/http/prefect1-graphql.yaml");
 
 struct Harness {
-    /// First, so the controller stops before the namespace goes.
-    controller: Option<Controller>,
-    client: Client,
-    ns: TestNamespace,
+    cluster: Cluster,
     emulator: PrefectGraphql,
     admin: Admin,
     service_account: String,
-    faults: Arc<CrashOnce>,
 }
+
+common::cluster_harness!(Harness);
 
 impl Harness {
     async fn new(prefix: &str) -> Self {
-        common::capture_logs();
-        let client = common::client().await;
-        let ns = TestNamespace::new(&client, prefix).await;
+        let cluster = Cluster::new(prefix).await;
         let emulator = PrefectGraphql::start().await;
         let admin = emulator.add_admin();
         let service_account = emulator.add_service_account();
         Self {
-            controller: None,
-            client,
-            ns,
+            cluster,
             emulator,
             admin,
             service_account,
-            faults: Arc::new(CrashOnce::default()),
         }
     }
 
     /// Starts a fresh controller (a new process, as far as state goes).
     fn start(&mut self) {
-        self.controller = Some(Controller::start(
-            &self.client,
-            &self.ns.name,
-            Arc::new(DefaultFactory::default()),
-            self.faults.clone(),
-            4,
-        ));
-    }
-
-    async fn kill(&mut self) {
-        if let Some(controller) = self.controller.take() {
-            controller.kill().await;
-        }
+        self.cluster.start(Arc::new(DefaultFactory::default()));
     }
 
     /// The example's documents, pointed at the emulator and its accounts.
@@ -113,7 +94,7 @@ impl Harness {
     }
 
     fn keys(&self) -> Api<ServiceAccountKey> {
-        Api::namespaced(self.client.clone(), &self.ns.name)
+        self.api()
     }
 
     async fn status_where(&self, what: &str, check: impl Fn(&KeyStatus) -> bool) -> KeyStatus {
@@ -231,14 +212,7 @@ async fn the_example_issues_rotates_and_revokes_through_graphql() {
     );
 
     // Forced rotation: a new key in the Secret; the old one revoked after the overlap.
-    h.keys()
-        .patch(
-            "prefect1-agent",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "1"}}})),
-        )
-        .await
-        .unwrap();
+    h.rotate::<ServiceAccountKey>("prefect1-agent", "1").await;
     let second = h
         .status_where("revision 2", |s| {
             s.revision == Some(2) && s.attempt.is_none()

@@ -8,7 +8,7 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
-    reconciler::{self, Context, CrashPoint},
+    reconciler::{self, CrashPoint},
     resources::{AuthKey, KeyProvider, KeyStatus},
 };
 use kube::{
@@ -18,42 +18,27 @@ use kube::{
 use serde_json::json;
 
 use common::{
-    Controller, TestNamespace, WAIT, apply, condition, eventually,
-    upstream::{CrashOnce, Factory, Upstream},
+    Cluster, WAIT, apply, condition, eventually,
+    upstream::{Factory, Upstream},
 };
 
 struct Harness {
-    /// First, so the controller stops before the namespace goes.
-    controller: Option<Controller>,
-    client: Client,
-    ns: TestNamespace,
+    cluster: Cluster,
     upstream: Arc<Upstream>,
-    faults: Arc<CrashOnce>,
 }
+
+common::cluster_harness!(Harness);
 
 impl Harness {
     /// A namespace with a `KeyProvider` named `keys`, and a controller watching it.
     async fn new(prefix: &str) -> Self {
-        common::capture_logs();
-        let client = common::client().await;
-        let ns = TestNamespace::new(&client, prefix).await;
-        apply(
-            &client,
-            &ns.name,
-            &json!({
-                "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
-                "metadata": {"name": "keys"}, "spec": {"builtin": {}}
-            }),
-        )
-        .await;
-        let upstream = Upstream::new();
-        let faults = Arc::new(CrashOnce::default());
+        let cluster = Cluster::new(prefix).await;
+        cluster
+            .create::<KeyProvider>("keys", json!({"builtin": {}}))
+            .await;
         let mut h = Self {
-            controller: None,
-            client,
-            ns,
-            upstream,
-            faults,
+            cluster,
+            upstream: Upstream::new(),
         };
         h.start();
         h
@@ -61,31 +46,12 @@ impl Harness {
 
     /// Starts a fresh controller (a new process, as far as state goes).
     fn start(&mut self) {
-        self.controller = Some(Controller::start(
-            &self.client,
-            &self.ns.name,
-            Arc::new(Factory(self.upstream.clone())),
-            self.faults.clone(),
-            4,
-        ));
-    }
-
-    /// Stops the controller abruptly, like a crash.
-    async fn kill(&mut self) {
-        if let Some(controller) = self.controller.take() {
-            controller.kill().await;
-        }
-    }
-
-    fn ctx(&self) -> &Arc<Context> {
-        self.controller
-            .as_ref()
-            .expect("a running controller")
-            .ctx()
+        let factory = Arc::new(Factory(self.upstream.clone()));
+        self.cluster.start(factory);
     }
 
     fn keys(&self) -> Api<AuthKey> {
-        Api::namespaced(self.client.clone(), &self.ns.name)
+        self.api()
     }
 
     fn secrets(&self) -> Api<Secret> {
@@ -93,15 +59,7 @@ impl Harness {
     }
 
     async fn create(&self, name: &str, spec: serde_json::Value) {
-        apply(
-            &self.client,
-            &self.ns.name,
-            &json!({
-                "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-                "metadata": {"name": name}, "spec": spec
-            }),
-        )
-        .await;
+        self.cluster.create::<AuthKey>(name, spec).await;
     }
 
     /// Waits until the key's status satisfies `check`.
@@ -121,11 +79,6 @@ impl Harness {
 
     async fn ready(&self, name: &str) -> KeyStatus {
         common::ready(&self.keys(), name).await
-    }
-
-    async fn secret_value(&self, name: &str, data_key: &str) -> String {
-        let secret = self.secrets().get(name).await.unwrap();
-        String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
     }
 }
 
@@ -253,16 +206,7 @@ async fn the_rotate_annotation_and_shaping_spec_changes_rotate() {
     h.create("k", spec(json!({"tags": ["tag:a"]}))).await;
     let first = h.ready("k").await;
 
-    h.keys()
-        .patch(
-            "k",
-            &PatchParams::default(),
-            &Patch::Merge(
-                json!({"metadata": {"annotations": {"keyward.dev/rotate": "2026-11-23"}}}),
-            ),
-        )
-        .await
-        .unwrap();
+    h.rotate::<AuthKey>("k", "2026-11-23").await;
     let second = h
         .status_where("k", "forced rotation", |s| {
             s.revision == Some(2) && s.attempt.is_none()

@@ -6,45 +6,38 @@ mod common;
 
 use std::sync::{Arc, atomic::Ordering};
 
-use k8s_openapi::api::core::v1::{Event, Secret};
+use k8s_openapi::api::core::v1::Event;
 use keyward::{
     providers::DefaultFactory,
     reconciler::CrashPoint,
-    resources::{AuthKey, KeyStatus, ServiceAccountKey},
+    resources::{AuthKey, KeyProvider, KeyStatus, ServiceAccountKey},
 };
 use keyward_emulators::prefect::Prefect;
-use kube::{
-    Api, Client,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
-};
+use kube::{Api, api::ListParams};
 use serde_json::json;
 
-use common::{Controller, TestNamespace, WAIT, apply, condition, eventually, upstream::CrashOnce};
+use common::{Cluster, WAIT, apply, condition, eventually};
 
 struct Harness {
-    /// First, so the controller stops before the namespace goes.
-    controller: Option<Controller>,
-    client: Client,
-    ns: TestNamespace,
+    cluster: Cluster,
     prefect: Prefect,
     /// The provider's credential, to prove it never leaks.
     admin: String,
     http: reqwest::Client,
-    faults: Arc<CrashOnce>,
 }
+
+common::cluster_harness!(Harness);
 
 impl Harness {
     /// A namespace with the emulator's admin key in a Secret, a `KeyProvider` named
     /// `prefect` reading it, and a controller watching the namespace.
     async fn new(prefix: &str) -> Self {
-        common::capture_logs();
-        let client = common::client().await;
-        let ns = TestNamespace::new(&client, prefix).await;
+        let cluster = Cluster::new(prefix).await;
         let prefect = Prefect::start().await;
         let admin = prefect.add_admin_key();
         apply(
-            &client,
-            &ns.name,
+            &cluster.client,
+            &cluster.ns.name,
             &json!({
                 "apiVersion": "v1", "kind": "Secret",
                 "metadata": {"name": "prefect-admin"},
@@ -52,28 +45,21 @@ impl Harness {
             }),
         )
         .await;
-        apply(
-            &client,
-            &ns.name,
-            &json!({
-                "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
-                "metadata": {"name": "prefect"},
-                "spec": {"prefect": {
+        cluster
+            .create::<KeyProvider>(
+                "prefect",
+                json!({"prefect": {
                     "apiURL": prefect.api_url(),
                     "accountId": prefect.account_id(),
                     "apiKeySecretRef": {"name": "prefect-admin", "key": "api-key"}
-                }}
-            }),
-        )
-        .await;
+                }}),
+            )
+            .await;
         let mut h = Self {
-            controller: None,
-            client,
-            ns,
+            cluster,
             prefect,
             admin,
             http: reqwest::Client::new(),
-            faults: Arc::new(CrashOnce::default()),
         };
         h.start();
         h
@@ -81,35 +67,15 @@ impl Harness {
 
     /// Starts a fresh controller (a new process: a new factory, nothing cached).
     fn start(&mut self) {
-        self.controller = Some(Controller::start(
-            &self.client,
-            &self.ns.name,
-            Arc::new(DefaultFactory::default()),
-            self.faults.clone(),
-            4,
-        ));
-    }
-
-    async fn kill(&mut self) {
-        if let Some(controller) = self.controller.take() {
-            controller.kill().await;
-        }
+        self.cluster.start(Arc::new(DefaultFactory::default()));
     }
 
     fn keys(&self) -> Api<ServiceAccountKey> {
-        Api::namespaced(self.client.clone(), &self.ns.name)
+        self.api()
     }
 
     async fn create(&self, name: &str, spec: serde_json::Value) {
-        apply(
-            &self.client,
-            &self.ns.name,
-            &json!({
-                "apiVersion": "keyward.dev/v1alpha1", "kind": "ServiceAccountKey",
-                "metadata": {"name": name}, "spec": spec
-            }),
-        )
-        .await;
+        self.cluster.create::<ServiceAccountKey>(name, spec).await;
     }
 
     async fn status_where(
@@ -129,17 +95,9 @@ impl Harness {
     }
 
     async fn delete_and_wait(&self, name: &str) {
-        self.keys()
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap();
-        common::gone(&self.keys(), name, "the resource to be gone").await;
-    }
-
-    async fn secret_value(&self, name: &str, data_key: &str) -> String {
-        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns.name);
-        let secret = secrets.get(name).await.unwrap();
-        String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
+        self.cluster
+            .delete_and_wait::<ServiceAccountKey>(name, "the resource to be gone")
+            .await;
     }
 
     /// What Prefect's own client does to check a key: `GET /api/me/workspaces`.
@@ -156,6 +114,16 @@ impl Harness {
         assert!(status == 200 || status == 401, "unexpected HTTP {status}");
         status == 200
     }
+}
+
+/// The spec of a `ServiceAccountKey` for the service account `bot`, with a rotation
+/// overlap if given.
+fn sa_spec(bot: &str, overlap: Option<&str>) -> serde_json::Value {
+    let mut spec = json!({"providerRef": {"name": "prefect"}, "serviceAccount": {"name": bot}});
+    if let Some(overlap) = overlap {
+        spec["rotation"] = json!({"overlap": overlap});
+    }
+    spec
 }
 
 /// `"<status>/<reason>"` of the Ready condition.
@@ -206,14 +174,7 @@ async fn a_created_service_account_is_issued_rotated_with_overlap_and_deleted() 
     );
 
     // Forced rotation: rotate_api_key, the old key living on for the overlap.
-    h.keys()
-        .patch(
-            "agent",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "1"}}})),
-        )
-        .await
-        .unwrap();
+    h.rotate::<ServiceAccountKey>("agent", "1").await;
     let second = h
         .status_where("agent", "revision 2", |s| {
             s.revision == Some(2) && s.attempt.is_none()
@@ -376,25 +337,10 @@ async fn existing_and_missing_service_accounts_are_refused_clearly() {
 #[tokio::test]
 async fn an_overlap_above_48h_and_an_auth_key_are_refused_before_any_request() {
     let h = Harness::new("prefect-check").await;
-    h.create(
-        "long",
-        json!({
-            "providerRef": {"name": "prefect"},
-            "serviceAccount": {"name": "long-bot"},
-            "rotation": {"overlap": "49h"},
-        }),
-    )
-    .await;
-    apply(
-        &h.client,
-        &h.ns.name,
-        &json!({
-            "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-            "metadata": {"name": "device"},
-            "spec": {"providerRef": {"name": "prefect"}}
-        }),
-    )
-    .await;
+    h.create("long", sa_spec("long-bot", Some("49h"))).await;
+    h.cluster
+        .create::<AuthKey>("device", json!({"providerRef": {"name": "prefect"}}))
+        .await;
     let long = h
         .status_where("long", "OverlapOutOfRange", |s| {
             ready_reason(s).as_deref() == Some("False/OverlapOutOfRange")
@@ -427,11 +373,7 @@ async fn an_overlap_above_48h_and_an_auth_key_are_refused_before_any_request() {
 async fn a_crash_after_creating_the_service_account_leaves_nothing_unaccounted_for() {
     let mut h = Harness::new("prefect-crash").await;
     *h.faults.point.lock().unwrap() = Some(CrashPoint::AfterUpstream);
-    h.create(
-        "crashy",
-        json!({"providerRef": {"name": "prefect"}, "serviceAccount": {"name": "crash-bot"}}),
-    )
-    .await;
+    h.create("crashy", sa_spec("crash-bot", None)).await;
     eventually("the crash", WAIT, || async {
         h.faults.crashed.load(Ordering::SeqCst).then_some(())
     })
@@ -479,26 +421,11 @@ async fn a_crash_after_creating_the_service_account_leaves_nothing_unaccounted_f
 #[tokio::test]
 async fn a_crash_after_rotating_heals_without_touching_the_service_account() {
     let mut h = Harness::new("prefect-crash-rot").await;
-    h.create(
-        "rotor",
-        json!({
-            "providerRef": {"name": "prefect"},
-            "serviceAccount": {"name": "rotor-bot"},
-            "rotation": {"overlap": "3s"},
-        }),
-    )
-    .await;
+    h.create("rotor", sa_spec("rotor-bot", Some("3s"))).await;
     h.ready("rotor").await;
     let bot = h.prefect.bots_named("rotor-bot")[0].id.clone();
     *h.faults.point.lock().unwrap() = Some(CrashPoint::AfterUpstream);
-    h.keys()
-        .patch(
-            "rotor",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "1"}}})),
-        )
-        .await
-        .unwrap();
+    h.rotate::<ServiceAccountKey>("rotor", "1").await;
     eventually("the crash", WAIT, || async {
         h.faults.crashed.load(Ordering::SeqCst).then_some(())
     })

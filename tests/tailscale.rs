@@ -30,7 +30,7 @@ use kube::{
 };
 use serde_json::{Value, json};
 
-use common::{Controller, TestNamespace, WAIT, apply, condition, eventually, upstream::CrashOnce};
+use common::{Cluster, WAIT, apply, condition, eventually};
 
 /// The tags the emulated OAuth client may put on keys (those of the examples).
 const CLIENT_TAGS: &[&str] = &["tag:edge", "tag:ci", "tag:jobs"];
@@ -43,41 +43,31 @@ enum Auth {
 }
 
 struct Harness {
-    /// First, so the controller stops before the namespace goes.
-    controller: Option<Controller>,
-    client: Client,
-    ns: TestNamespace,
+    cluster: Cluster,
     ts: Tailscale,
-    faults: Arc<CrashOnce>,
     factory: Arc<DefaultFactory>,
 }
+
+common::cluster_harness!(Harness);
 
 impl Harness {
     /// A namespace with a `KeyProvider` named `tailscale` pointing at a fresh emulator,
     /// and a controller watching the namespace.
     async fn new(prefix: &str, auth: Auth) -> Self {
-        common::capture_logs();
-        let client = common::client().await;
-        let ns = TestNamespace::new(&client, prefix).await;
+        let cluster = Cluster::new(prefix).await;
+        let (client, ns) = (&cluster.client, &cluster.ns);
         let ts = Tailscale::start().await;
         let spec = match auth {
             Auth::Token => {
                 let token = ts.add_api_token("ops@example.com");
-                secret(
-                    &client,
-                    &ns.name,
-                    "tailscale-credentials",
-                    "api-key",
-                    &token,
-                )
-                .await;
+                secret(client, &ns.name, "tailscale-credentials", "api-key", &token).await;
                 json!({"apiURL": ts.base_url(), "tailnet": "-",
                        "apiKeySecretRef": {"name": "tailscale-credentials", "key": "api-key"}})
             }
             Auth::OAuth => {
                 let oauth = ts.add_oauth_client(CLIENT_TAGS, &["auth_keys"]);
                 secret(
-                    &client,
+                    client,
                     &ns.name,
                     "tailscale-credentials",
                     "client-secret",
@@ -89,22 +79,13 @@ impl Harness {
                                  "clientSecretRef": {"name": "tailscale-credentials", "key": "client-secret"}}})
             }
         };
-        apply(
-            &client,
-            &ns.name,
-            &json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
-                   "metadata": {"name": "tailscale"}, "spec": {"tailscale": spec}}),
-        )
-        .await;
-        let faults = Arc::new(CrashOnce::default());
-        let factory = Arc::new(DefaultFactory::default());
+        cluster
+            .create::<KeyProvider>("tailscale", json!({"tailscale": spec}))
+            .await;
         let mut h = Self {
-            controller: None,
-            client,
-            ns,
+            cluster,
             ts,
-            faults,
-            factory,
+            factory: Arc::new(DefaultFactory::default()),
         };
         h.start();
         h
@@ -113,23 +94,11 @@ impl Harness {
     /// Starts a controller. The provider state (request budget, token cache) lives in
     /// the factory, which a restart keeps.
     fn start(&mut self) {
-        self.controller = Some(Controller::start(
-            &self.client,
-            &self.ns.name,
-            self.factory.clone(),
-            self.faults.clone(),
-            4,
-        ));
-    }
-
-    async fn kill(&mut self) {
-        if let Some(controller) = self.controller.take() {
-            controller.kill().await;
-        }
+        self.cluster.start(self.factory.clone());
     }
 
     fn keys(&self) -> Api<AuthKey> {
-        Api::namespaced(self.client.clone(), &self.ns.name)
+        self.api()
     }
 
     fn secrets(&self) -> Api<Secret> {
@@ -137,13 +106,7 @@ impl Harness {
     }
 
     async fn create(&self, name: &str, spec: Value) {
-        apply(
-            &self.client,
-            &self.ns.name,
-            &json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-                   "metadata": {"name": name}, "spec": spec}),
-        )
-        .await;
+        self.cluster.create::<AuthKey>(name, spec).await;
     }
 
     async fn status_where(
@@ -176,28 +139,13 @@ impl Harness {
         (reason, message)
     }
 
-    async fn secret_value(&self, name: &str, data_key: &str) -> String {
-        let secret = self.secrets().get(name).await.unwrap();
-        String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
-    }
-
     async fn rotate(&self, name: &str, value: &str) {
-        self.keys()
-            .patch(
-                name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": value}}})),
-            )
-            .await
-            .unwrap();
+        self.cluster.rotate::<AuthKey>(name, value).await;
     }
 
     async fn delete(&self, name: &str) {
-        self.keys()
-            .delete(name, &DeleteParams::default())
-            .await
-            .unwrap();
-        common::gone(&self.keys(), name, &format!("{name} to be deleted")).await;
+        self.delete_and_wait::<AuthKey>(name, &format!("{name} to be deleted"))
+            .await;
     }
 
     /// Requests that reached the emulator's key endpoints with `method`.

@@ -10,12 +10,12 @@ use keyward::{
     resources::{AuthKey, ClusterKeyProvider, KeyProvider, KeyStatus, ServiceAccountKey},
 };
 use kube::{
-    Api, Client,
-    api::{Patch, PatchParams},
+    Api, Client, Resource,
+    api::{DeleteParams, Patch, PatchParams},
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use super::eventually;
+use super::{TestNamespace, eventually, upstream::CrashOnce};
 
 /// How long a test waits for the controller to get somewhere.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -142,4 +142,99 @@ pub fn condition(status: &KeyStatus, type_: &str) -> Option<(String, String, Str
         .iter()
         .find(|c| c.type_ == type_)
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// A test's namespace on the shared control plane, with (at most) one controller
+/// watching it and the crash point that controller consults.
+pub struct Cluster {
+    /// First, so the controller stops before the namespace goes.
+    controller: Option<Controller>,
+    pub client: Client,
+    pub ns: TestNamespace,
+    pub faults: Arc<CrashOnce>,
+}
+
+impl Cluster {
+    /// A fresh namespace `<prefix>-<random>`, no controller yet.
+    pub async fn new(prefix: &str) -> Self {
+        super::capture_logs();
+        let client = super::client().await;
+        let ns = TestNamespace::new(&client, prefix).await;
+        Self {
+            controller: None,
+            client,
+            ns,
+            faults: Arc::new(CrashOnce::default()),
+        }
+    }
+
+    /// Starts a fresh controller (a new process, as far as the reconciler's state
+    /// goes; whatever `factory` caches is kept).
+    pub fn start(&mut self, factory: Arc<dyn ProviderFactory>) {
+        self.controller = Some(Controller::start(
+            &self.client,
+            &self.ns.name,
+            factory,
+            self.faults.clone(),
+            4,
+        ));
+    }
+
+    /// Stops the controller abruptly, like a crash.
+    pub async fn kill(&mut self) {
+        if let Some(controller) = self.controller.take() {
+            controller.kill().await;
+        }
+    }
+
+    pub fn ctx(&self) -> &Arc<Context> {
+        self.controller
+            .as_ref()
+            .expect("a running controller")
+            .ctx()
+    }
+
+    /// A namespaced API in the test's namespace.
+    pub fn api<K: ManagedKey>(&self) -> Api<K> {
+        Api::namespaced(self.client.clone(), &self.ns.name)
+    }
+
+    /// Applies a `K` named `name` with `spec`.
+    pub async fn create<K: Resource<DynamicType = ()>>(&self, name: &str, spec: Value) {
+        apply(
+            &self.client,
+            &self.ns.name,
+            &json!({
+                "apiVersion": K::api_version(&()), "kind": K::kind(&()),
+                "metadata": {"name": name}, "spec": spec
+            }),
+        )
+        .await;
+    }
+
+    /// The value under `data_key` of the Secret `name`.
+    pub async fn secret_value(&self, name: &str, data_key: &str) -> String {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.ns.name);
+        let secret = secrets.get(name).await.unwrap();
+        String::from_utf8(secret.data.unwrap()[data_key].0.clone()).unwrap()
+    }
+
+    /// Forces a rotation: sets the `keyward.dev/rotate` annotation to `value`.
+    pub async fn rotate<K: ManagedKey>(&self, name: &str, value: &str) {
+        self.api::<K>()
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": value}}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Deletes the key and waits until it is gone (finalizer released).
+    pub async fn delete_and_wait<K: ManagedKey>(&self, name: &str, what: &str) {
+        let api = self.api::<K>();
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        gone(&api, name, what).await;
+    }
 }

@@ -11,9 +11,30 @@
 mod harness;
 pub mod upstream;
 
+/// Gives a test's `Harness { cluster: Cluster, … }` the `Cluster`'s fields and methods.
+#[allow(unused_macros)]
+macro_rules! cluster_harness {
+    ($harness:ty) => {
+        impl std::ops::Deref for $harness {
+            type Target = common::Cluster;
+            fn deref(&self) -> &common::Cluster {
+                &self.cluster
+            }
+        }
+
+        impl std::ops::DerefMut for $harness {
+            fn deref_mut(&mut self) -> &mut common::Cluster {
+                &mut self.cluster
+            }
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use cluster_harness;
+
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use harness::{Controller, WAIT, apply, condition, gone, ready, status_where};
+pub use harness::{Cluster, Controller, WAIT, apply, condition, gone, ready, status_where};
 
 use std::sync::OnceLock;
 
