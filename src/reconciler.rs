@@ -729,6 +729,17 @@ fn complete<K: ManagedKey>(
     }
 }
 
+/// Whether the cached object predates the stored one — our own last status write can
+/// still be on its way (a Secret event can requeue the key before the status event
+/// arrives). Issuing, and revoking an attempt's orphans, are never done on stale
+/// state: a stale attempt that has since been refused and cleared would have keyward
+/// look for orphans it never made, and Prefect's name-based search would find a
+/// service account that belongs to someone else.
+async fn is_stale<K: ManagedKey>(keys: &Api<K>, key: &K) -> Result<bool> {
+    let fresh = keys.get(&key.name_any()).await?;
+    Ok(fresh.meta().resource_version != key.meta().resource_version)
+}
+
 /// The reconcile of one key resource (finalizer already present).
 async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> {
     let namespace = key.namespace().unwrap_or_default();
@@ -736,6 +747,9 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let generation = key.meta().generation;
     let original = key.key_status().cloned().unwrap_or_default();
+    if original.attempt.is_some() && is_stale(&keys, &*key).await? {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let mut status = original.clone();
     let rotation = key.rotation().cloned().unwrap_or_default();
 
@@ -808,10 +822,7 @@ async fn apply<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action> 
         if let Some(wait) = ctx.issue_wait(&*key) {
             return Ok(Action::requeue(wait));
         }
-        // The cached object may predate our own last status write (a Secret event can
-        // requeue the key before the status event arrives). Never issue on stale state.
-        let fresh = keys.get(&key.name_any()).await?;
-        if fresh.meta().resource_version != key.meta().resource_version {
+        if is_stale(&keys, &*key).await? {
             return Ok(Action::requeue(Duration::from_millis(100)));
         }
         let issued = issue(
@@ -1256,6 +1267,9 @@ async fn cleanup<K: ManagedKey>(key: Arc<K>, ctx: Arc<Context>) -> Result<Action
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let generation = key.meta().generation;
     let original = key.key_status().cloned().unwrap_or_default();
+    if original.attempt.is_some() && is_stale(&keys, &*key).await? {
+        return Ok(Action::requeue(Duration::from_millis(100)));
+    }
     let mut status = original.clone();
     ctx.forget_failed_issuances(&*key);
 
