@@ -263,10 +263,16 @@ async fn shutdown_signal() {
 
 async fn local_cluster(dir: PathBuf) -> anyhow::Result<()> {
     use keyward::control_plane::{ControlPlane, Options};
-    let plane = ControlPlane::start(Options { dir: Some(dir) }).await?;
+    let plane = ControlPlane::start(Options {
+        dir: Some(dir),
+        workloads: true,
+        ..Options::default()
+    })
+    .await?;
     // `hack/local-cluster up` waits for this file: it exists only once the API server
     // is ready and the CRDs are installed.
-    let pids = plane.pids().map(|p| p.to_string()).join(" ");
+    let pids: Vec<String> = plane.pids().iter().map(|(_, p)| p.to_string()).collect();
+    let pids = pids.join(" ");
     std::fs::write(plane.dir().join("pids"), pids)?;
     let ready = plane.dir().join("ready");
     std::fs::write(&ready, plane.kubeconfig().display().to_string())?;

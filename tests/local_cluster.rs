@@ -1,12 +1,26 @@
-//! `keyward local-cluster` (what `hack/local-cluster up` runs) starts a working control
-//! plane, and nothing outlives it: killing it with SIGKILL — the way a crashed or
-//! aborted test binary dies — still stops etcd and kube-apiserver and, for a temporary
-//! folder, removes their data.
+//! The control plane's processes: `keyward local-cluster` (what `hack/local-cluster up`
+//! runs) starts every server, and nothing outlives it — killing it with SIGKILL, the way
+//! a crashed or aborted test binary dies, still stops them all and, for a temporary
+//! folder, removes their data. A port taken between its pick and the server's bind is
+//! replaced by a fresh one (a bounded number of times), and the API server restarts in
+//! place under a running client.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::TcpListener,
     path::Path,
     process::{Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use keyward::control_plane::{ControlPlane, Error, Options, free_port};
+use kube::{
+    Api, ResourceExt,
+    api::PostParams,
+    runtime::{WatchStreamExt, watcher},
 };
 
 fn alive(pid: &str) -> bool {
@@ -14,6 +28,17 @@ fn alive(pid: &str) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|stat| !stat.contains(") Z "))
         .unwrap_or(false)
+}
+
+/// The program a process runs (the file name of its argv[0]).
+fn program(pid: &str) -> String {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let argv0 = String::from_utf8_lossy(argv0).into_owned();
+    Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
@@ -46,19 +71,27 @@ fn killing_the_owner_stops_the_servers() {
     assert!(Path::new(&kubeconfig).exists());
     let pids = std::fs::read_to_string(state.join("pids")).unwrap();
     let pids: Vec<&str> = pids.split_whitespace().collect();
-    assert_eq!(pids.len(), 2);
-    assert!(
-        pids.iter().all(|p| alive(p)),
-        "servers run while their owner does"
+    let programs: BTreeSet<String> = pids.iter().map(|p| program(p)).collect();
+    assert_eq!(
+        programs,
+        BTreeSet::from(
+            [
+                "etcd",
+                "kube-apiserver",
+                "kube-controller-manager",
+                "kube-scheduler",
+                "kwok"
+            ]
+            .map(String::from)
+        ),
+        "every server runs while its owner does"
     );
 
     owner.kill().unwrap(); // SIGKILL: no destructor runs, only the watchdog can clean up
     owner.wait().unwrap();
-    wait_for(
-        "etcd and kube-apiserver to stop",
-        Duration::from_secs(30),
-        || pids.iter().all(|p| !alive(p)),
-    );
+    wait_for("every server to stop", Duration::from_secs(30), || {
+        pids.iter().all(|p| !alive(p))
+    });
 }
 
 #[test]
@@ -80,7 +113,156 @@ fn a_second_call_reuses_the_binaries() {
         started.elapsed() < Duration::from_secs(10),
         "a cache hit is immediate"
     );
-    for bin in ["kube-apiserver", "etcd"] {
+    for bin in [
+        "kube-apiserver",
+        "etcd",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kwok",
+        "kwok-stages.yaml",
+    ] {
         assert!(second.join(bin).exists(), "{bin} in {}", second.display());
     }
+}
+
+/// Hands every server a port someone already listens on, `taken_picks` times per
+/// server, then free ones; counts the picks.
+fn taking_picker(taken: u16, taken_picks: usize) -> (Options, Arc<Mutex<BTreeMap<String, usize>>>) {
+    let picks = Arc::new(Mutex::new(BTreeMap::<String, usize>::new()));
+    let counted = picks.clone();
+    let options = Options {
+        workloads: true,
+        ports: Some(Arc::new(move |server: &str| {
+            let mut picks = counted.lock().unwrap();
+            let n = picks.entry(server.to_owned()).or_default();
+            *n += 1;
+            if *n <= taken_picks {
+                taken
+            } else {
+                free_port()
+            }
+        })),
+        ..Options::default()
+    };
+    (options, picks)
+}
+
+#[tokio::test]
+async fn a_port_taken_before_its_server_binds_it_is_replaced_by_a_fresh_one() {
+    let occupant = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = occupant.local_addr().unwrap().port();
+    let (options, picks) = taking_picker(taken, 1);
+
+    let plane = ControlPlane::start(options)
+        .await
+        .expect("start-up recovers from taken ports");
+    assert!(!plane.server().ends_with(&format!(":{taken}")));
+    let picks = picks.lock().unwrap().clone();
+    for server in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ] {
+        assert!(
+            picks.get(server).copied().unwrap_or_default() >= 2,
+            "{server} got the taken port first and then a fresh one: {picks:?}"
+        );
+    }
+    let client = plane.client().await.unwrap();
+    let names: Vec<&str> = plane.pids().iter().map(|(name, _)| *name).collect();
+    assert_eq!(
+        names,
+        [
+            "etcd",
+            "kube-apiserver",
+            "kube-controller-manager",
+            "kube-scheduler",
+            "kwok"
+        ],
+        "one of each runs; the ones that lost their port are gone"
+    );
+    client
+        .apiserver_version()
+        .await
+        .expect("the API server answers");
+}
+
+#[tokio::test]
+async fn a_port_that_stays_taken_fails_start_up_after_a_bounded_number_of_attempts() {
+    let occupant = TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = occupant.local_addr().unwrap().port();
+    let (options, _) = taking_picker(taken, usize::MAX);
+
+    let started = Instant::now();
+    match ControlPlane::start(options).await {
+        Err(Error::PortsTaken { attempts, .. }) => assert_eq!(attempts, 5),
+        Err(other) => panic!("expected PortsTaken, got {other}"),
+        Ok(_) => panic!("started on a taken port"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "gives up, does not hang"
+    );
+}
+
+#[tokio::test]
+async fn a_client_keeps_working_across_an_api_server_restart() {
+    let plane = ControlPlane::start(Options::default()).await.unwrap();
+    let client = plane.client().await.unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let map = |name: &str| {
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).unwrap()
+    };
+    maps.create(&PostParams::default(), &map("before"))
+        .await
+        .unwrap();
+
+    // A watch that lives across the restart, as keyward's controllers' do.
+    let (seen, mut names) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn(
+        watcher(maps.clone(), watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .for_each(move |m| {
+                if let Ok(m) = m {
+                    let _ = seen.send(m.name_any());
+                }
+                async {}
+            }),
+    );
+    let next = async |names: &mut tokio::sync::mpsc::UnboundedReceiver<String>, want: &str| {
+        tokio::time::timeout(Duration::from_secs(60), async {
+            while names.recv().await.as_deref() != Some(want) {}
+        })
+        .await
+        .unwrap_or_else(|_| panic!("the watch to see {want}"))
+    };
+    next(&mut names, "before").await;
+
+    let pid = |plane: &ControlPlane| {
+        plane
+            .pids()
+            .into_iter()
+            .find(|(name, _)| *name == "kube-apiserver")
+            .unwrap()
+            .1
+    };
+    let old = pid(&plane);
+    plane
+        .restart_apiserver()
+        .await
+        .expect("the API server restarts");
+    assert_ne!(pid(&plane), old, "a new kube-apiserver process");
+    assert!(!alive(&old.to_string()), "the old one is gone");
+
+    assert!(
+        maps.get_opt("before").await.unwrap().is_some(),
+        "objects persist and the same client reads them"
+    );
+    maps.create(&PostParams::default(), &map("after"))
+        .await
+        .unwrap();
+    next(&mut names, "after").await;
+    watch.abort();
 }

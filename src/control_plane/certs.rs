@@ -1,6 +1,6 @@
 //! The certificates and keys a local control plane needs: one CA that signs the
-//! API server's serving certificate and the client certificates of its users, and the
-//! ServiceAccount token signing key.
+//! servers' serving certificate and the client certificates of its users (and, through
+//! the controller-manager, CSRs), and the ServiceAccount token signing key.
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -39,7 +39,12 @@ impl Authority {
         self.issuer.pem()
     }
 
-    /// The API server's serving certificate, valid for 127.0.0.1 and localhost.
+    /// The CA's private key: the controller-manager signs approved CSRs with it.
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// The servers' serving certificate, valid for 127.0.0.1 and localhost.
     pub fn serving(&self) -> Result<Pair, rcgen::Error> {
         let mut params = CertificateParams::new(vec!["localhost".to_owned()])?;
         params

@@ -1,6 +1,10 @@
 //! Shared integration-test harness: one real control plane per test binary, one fresh
 //! namespace per test.
 //!
+//! The plane runs with workloads on (kube-scheduler and a kwok Node): Deployments and
+//! StatefulSets a test creates really roll out, as in the cluster keyward runs in. It
+//! costs each test binary about a second of start-up.
+//!
 //! The control plane is started on first use from a dedicated thread (so it outlives
 //! any single test's runtime) and stopped by its watchdog when the test binary exits —
 //! also when a test failed or the binary was killed. Each test's namespace is deleted
@@ -54,7 +58,10 @@ pub fn plane() -> &'static ControlPlane {
             let _ = rustls::crypto::ring::default_provider().install_default();
             tokio::runtime::Runtime::new()
                 .expect("tokio runtime")
-                .block_on(ControlPlane::start(Options::default()))
+                .block_on(ControlPlane::start(Options {
+                    workloads: true,
+                    ..Options::default()
+                }))
                 .unwrap_or_else(|e| panic!("starting the local control plane: {e}"))
         })
         .join()
