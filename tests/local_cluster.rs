@@ -208,7 +208,12 @@ async fn a_port_that_stays_taken_fails_start_up_after_a_bounded_number_of_attemp
 
 #[tokio::test]
 async fn a_client_keeps_working_across_an_api_server_restart() {
-    let plane = ControlPlane::start(Options::default()).await.unwrap();
+    let plane = ControlPlane::start(Options {
+        workloads: true,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
     let client = plane.client().await.unwrap();
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     let map = |name: &str| {
@@ -240,21 +245,35 @@ async fn a_client_keeps_working_across_an_api_server_restart() {
     };
     next(&mut names, "before").await;
 
-    let pid = |plane: &ControlPlane| {
-        plane
-            .pids()
-            .into_iter()
-            .find(|(name, _)| *name == "kube-apiserver")
-            .unwrap()
-            .1
-    };
-    let old = pid(&plane);
+    let before = plane.pids();
     plane
         .restart_apiserver()
         .await
         .expect("the API server restarts");
-    assert_ne!(pid(&plane), old, "a new kube-apiserver process");
-    assert!(!alive(&old.to_string()), "the old one is gone");
+    let after = plane.pids();
+    let apiserver =
+        |pids: &[(&str, u32)]| pids.iter().find(|(n, _)| *n == "kube-apiserver").unwrap().1;
+    assert_ne!(
+        apiserver(&after),
+        apiserver(&before),
+        "a new kube-apiserver process"
+    );
+    assert!(
+        !alive(&apiserver(&before).to_string()),
+        "the old one is gone"
+    );
+    let others = |pids: &[(&'static str, u32)]| -> Vec<(&'static str, u32)> {
+        pids.iter()
+            .copied()
+            .filter(|(n, _)| *n != "kube-apiserver")
+            .collect()
+    };
+    assert_eq!(
+        others(&after),
+        others(&before),
+        "the other servers ride it out"
+    );
+    assert!(after.iter().all(|(_, p)| alive(&p.to_string())));
 
     assert!(
         maps.get_opt("before").await.unwrap().is_some(),

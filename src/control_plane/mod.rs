@@ -91,6 +91,8 @@ pub enum Error {
         component: &'static str,
         attempts: u32,
     },
+    #[error("{0} is not running")]
+    NotRunning(String),
     #[error("the process watchdog is gone ({0}); servers would outlive this process")]
     Watchdog(std::io::Error),
     #[error("reading the generated kubeconfig: {0}")]
@@ -668,7 +670,7 @@ impl Processes {
             .iter()
             .find(|s| s.name == name)
             .map(|s| (s.child.id(), s.args.clone()))
-            .ok_or_else(|| Error::Binaries(format!("{name} is not running")))?;
+            .ok_or_else(|| Error::NotRunning(name.to_owned()))?;
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
