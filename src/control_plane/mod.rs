@@ -219,7 +219,9 @@ impl ControlPlane {
             options.ports.unwrap_or_else(|| Arc::new(|_| free_port())),
             &authority,
         )?;
+        let started = Instant::now();
         let server = processes.start_api(&files).await?;
+        let api_ready = started.elapsed();
         let kubeconfig = write(
             "kubeconfig",
             &kubeconfig_yaml(
@@ -240,10 +242,18 @@ impl ControlPlane {
         // Before the controller-manager: its garbage collector then knows keyward's
         // kinds from the start instead of after its next discovery resync.
         crate::crds::apply(client.clone()).await?;
+        let crds_ready = started.elapsed();
         plane.start_controllers(&files, options.workloads).await?;
         if options.workloads {
             plane.start_node(&client).await?;
         }
+        tracing::debug!(
+            ?api_ready,
+            ?crds_ready,
+            all_ready = ?started.elapsed(),
+            workloads = options.workloads,
+            "local control plane started"
+        );
         Ok(plane)
     }
 

@@ -3,7 +3,7 @@
 //!
 //! The plane runs with workloads on (kube-scheduler and a kwok Node): Deployments and
 //! StatefulSets a test creates really roll out, as in the cluster keyward runs in. It
-//! costs each test binary about a second of start-up.
+//! costs each test binary about half a second of start-up.
 //!
 //! The control plane is started on first use from a dedicated thread (so it outlives
 //! any single test's runtime) and stopped by its watchdog when the test binary exits —
