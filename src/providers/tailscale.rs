@@ -958,4 +958,64 @@ mod tests {
         };
         assert!(message.contains("--service-account"), "{message}");
     }
+
+    /// The inventory for an audit: auth keys that carry a marker, each marker as
+    /// keyward writes it — never the credential itself, even when its description
+    /// carries a marker, and never a key made by hand. Lists with and without types.
+    #[tokio::test]
+    async fn marked_keys_are_the_auth_keys_that_carry_a_marker() {
+        use keyward_emulators::tailscale::Tailscale as Emulator;
+        let emulator = Emulator::start().await;
+        let token = emulator.add_api_token("ops@example.com");
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let spec: TailscaleProvider = serde_json::from_value(json!({
+            "apiURL": emulator.base_url(),
+            "apiKeySecretRef": {"name": "s", "key": "token"}
+        }))
+        .unwrap();
+        let credentials = BTreeMap::from([("token".to_owned(), token.as_bytes().to_vec())]);
+        let shared = Arc::new(Shared {
+            transport: super::super::Transport::new("tailscale", None),
+            tokens: super::super::TokenCache::default(),
+        });
+        let api = Tailscale::new(&spec, "KeyProvider ns/ts", &credentials, None, shared).unwrap();
+        let mut issued = Vec::new();
+        for (marker, description) in [
+            ("kw:0123abcd.89ef4567", Some("edge")),
+            ("kw:0123abcd.00000001", None),
+        ] {
+            let mut req = request(description);
+            req.marker = marker.into();
+            issued.push((api.issue(&req).await.unwrap().id, marker));
+        }
+        let by_hand = reqwest::Client::new()
+            .post(format!("{}/api/v2/tailnet/-/keys", emulator.base_url()))
+            .basic_auth(&token, Some(""))
+            .json(&json!({"capabilities": {"devices": {}}, "description": "made by hand"}))
+            .send()
+            .await
+            .unwrap();
+        assert!(by_hand.status().is_success());
+        let own = emulator.api_token_id(&token).unwrap();
+        assert!(emulator.describe_credential(&own, "kw-0123abcd-89ef4567"));
+
+        for ids_only in [false, true] {
+            emulator.set_list_ids_only(ids_only);
+            let mut marked = api.marked_keys().await.unwrap();
+            marked.sort_by(|a, b| a.marker.cmp(&b.marker));
+            let found: Vec<(String, &str)> = marked
+                .iter()
+                .map(|m| (m.id.clone(), m.marker.as_str()))
+                .collect();
+            let mut expected: Vec<(String, &str)> = issued.clone();
+            expected.sort_by(|a, b| a.1.cmp(b.1));
+            assert_eq!(found, expected, "ids_only={ids_only}");
+            assert!(marked.iter().all(|m| m.created_at.is_some()));
+            assert_eq!(
+                api.find_by_marker("kw:0123abcd.89ef4567").await.unwrap(),
+                vec![issued[0].0.clone()],
+                "ids_only={ids_only}: never the token that carries the same marker"
+            );
+        }
+    }
 }
