@@ -98,6 +98,11 @@ struct RunArgs {
     /// How often candidates try to acquire, and the leader renews.
     #[arg(long, env = "KEYWARD_RETRY_PERIOD", default_value = "2s", value_parser = duration)]
     retry_period: Duration,
+    /// The ServiceAccount keyward runs as, `NAME` or `NAMESPACE/NAME`, for providers that
+    /// authenticate as it (Tailscale `workloadIdentity`); a bare name is in the pod's
+    /// namespace (else --operator-namespace). The chart sets it from the downward API.
+    #[arg(long, env = "KEYWARD_SERVICE_ACCOUNT")]
+    service_account: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -155,7 +160,10 @@ async fn main() -> anyhow::Result<()> {
 /// is ours) the controllers until SIGTERM / Ctrl-C.
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     use keyward::{
-        leader, metrics, providers::DefaultFactory, ratelimit::RateLimitLayer, reconciler, server,
+        leader, metrics,
+        providers::{DefaultFactory, ServiceAccount},
+        ratelimit::RateLimitLayer,
+        reconciler, server,
     };
     anyhow::ensure!(
         !args.leader_elect
@@ -198,9 +206,26 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "connected to the API server"
     );
 
+    let factory = match &args.service_account {
+        Some(reference) => {
+            // In a pod the namespace file names the pod's namespace.
+            let pod_namespace =
+                std::fs::read_to_string(keyward::providers::identity::NAMESPACE_FILE)
+                    .ok()
+                    .map(|ns| ns.trim().to_owned())
+                    .filter(|ns| !ns.is_empty());
+            let default_namespace = pod_namespace.as_deref().unwrap_or(&args.operator_namespace);
+            let (namespace, name) =
+                keyward::providers::identity::parse_reference(reference, default_namespace)
+                    .map_err(|e| anyhow::anyhow!("--service-account {e}"))?;
+            tracing::info!(%namespace, %name, "providers may authenticate as this ServiceAccount");
+            DefaultFactory::with_identity(ServiceAccount::new(client.clone(), namespace, name))
+        }
+        None => DefaultFactory::default(),
+    };
     let ctx = reconciler::Context::new(
         client.clone(),
-        Arc::new(DefaultFactory::default()),
+        Arc::new(factory),
         Arc::new(reconciler::NoFaults),
         reconciler::Settings {
             operator_namespace: args.operator_namespace.clone(),

@@ -57,7 +57,9 @@ fn default_values_lint_and_render_a_hardened_cluster_wide_operator() {
             "Deployment/keyward-system/kw-keyward",
             "PodDisruptionBudget/keyward-system/kw-keyward",
             "Role/keyward-system/kw-keyward-operator",
+            "Role/keyward-system/kw-keyward-token",
             "RoleBinding/keyward-system/kw-keyward-operator",
+            "RoleBinding/keyward-system/kw-keyward-token",
             "Service/keyward-system/kw-keyward-metrics",
             "ServiceAccount/keyward-system/kw-keyward",
         ]
@@ -111,6 +113,7 @@ fn default_values_lint_and_render_a_hardened_cluster_wide_operator() {
     let mut expected = namespaced_grants("*");
     expected.extend(cluster_scoped_grants());
     expected.extend(operator_namespace_grants("keyward-system", true));
+    expected.extend(own_token_grant("keyward-system", "kw-keyward"));
     assert_eq!(grants(&objects, "kw-keyward", "keyward-system"), expected);
 }
 
@@ -146,6 +149,7 @@ fn namespaced_values_lint_and_render_a_role_per_namespace() {
     expected.extend(namespaced_grants("team-b"));
     expected.extend(cluster_scoped_grants());
     expected.extend(operator_namespace_grants("keyward-system", false));
+    expected.extend(own_token_grant("keyward-system", "kw-keyward"));
     assert_eq!(grants(&objects, "kw-keyward", "keyward-system"), expected);
 
     let deployment = find(&objects, "Deployment", "kw-keyward");
@@ -509,11 +513,35 @@ async fn chart_rbac_lets_the_operator_work_and_nothing_more() {
             .await
             .map(drop),
     );
+    let token_for = |account: &str| {
+        let api: Api<ServiceAccount> = Api::namespaced(sa.clone(), &operator_ns.name);
+        let account = account.to_owned();
+        async move {
+            let request = TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    audiences: Some(vec!["api.tailscale.com/test".into()]),
+                    expiration_seconds: Some(600),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            api.create_token_request(&account, &PostParams::default(), &request)
+                .await
+                .map(drop)
+        }
+    };
+    forbidden(
+        "a token for another ServiceAccount",
+        token_for("default").await,
+    );
     // …while what it was granted works with the same identity.
     Api::<Secret>::namespaced(sa.clone(), &operator_ns.name)
         .list(&list)
         .await
         .expect("ClusterKeyProvider credentials in the operator namespace are readable");
+    token_for(&fullname)
+        .await
+        .expect("a token for its own ServiceAccount, with an audience (workload identity)");
 
     operator.assert_running();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -784,10 +812,24 @@ fn operator_namespace_grants(namespace: &str, leader_election: bool) -> BTreeSet
     out
 }
 
+/// TokenRequest for the chart's own ServiceAccount and no other (workload identity
+/// federation); the resource carries its resourceNames, as [`grants`] writes them.
+fn own_token_grant(namespace: &str, service_account: &str) -> BTreeSet<Grant> {
+    expand(
+        namespace,
+        &[(
+            "",
+            &[format!("serviceaccounts/token[{service_account}]").as_str()],
+            &["create"],
+        )],
+    )
+}
+
 /// Every grant the rendered bindings give the ServiceAccount, after checking that no
-/// rule uses a wildcard (or resourceNames / nonResourceURLs, which the comparison would
-/// not see), that every binding names only that ServiceAccount and a rendered role, and
-/// that every rendered role is bound.
+/// rule uses a wildcard (or nonResourceURLs, which the comparison would not see), that
+/// every binding names only that ServiceAccount and a rendered role, and that every
+/// rendered role is bound. A rule limited to resourceNames is written
+/// `resource[name,…]`.
 fn grants(objects: &[Value], service_account: &str, sa_namespace: &str) -> BTreeSet<Grant> {
     let role = |kind: &str, namespace: Option<&str>, name: &str| -> &Value {
         objects
@@ -827,9 +869,13 @@ fn grants(objects: &[Value], service_account: &str, sa_namespace: &str) -> BTree
                     .map(|v| v.as_str().unwrap().to_owned())
                     .collect()
             };
-            assert!(rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none());
+            assert!(rule.get("nonResourceURLs").is_none());
+            let names = rule
+                .get("resourceNames")
+                .map(|_| format!("[{}]", list("resourceNames").join(",")))
+                .unwrap_or_default();
             for group in list("apiGroups") {
-                for resource in list("resources") {
+                for resource in list("resources").into_iter().map(|r| r + &names) {
                     for verb in list("verbs") {
                         assert!(
                             !group.contains('*') && !resource.contains('*') && !verb.contains('*'),

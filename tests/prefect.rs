@@ -100,6 +100,20 @@ impl Harness {
             .await;
     }
 
+    /// Forces a rotation of `name` (`keyward.dev/rotate: "1"`) by a controller that
+    /// crashes at `point`, and leaves the controller stopped.
+    async fn crash_a_rotation(&mut self, name: &str, point: CrashPoint) {
+        self.kill().await;
+        *self.faults.point.lock().unwrap() = Some(point);
+        self.start();
+        self.rotate::<ServiceAccountKey>(name, "1").await;
+        eventually("the crash", WAIT, || async {
+            self.faults.crashed.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        self.kill().await;
+    }
+
     /// What Prefect's own client does to check a key: `GET /api/me/workspaces`.
     async fn authenticates(&self, key: &str) -> bool {
         let status = self
@@ -452,4 +466,90 @@ async fn a_crash_after_rotating_heals_without_touching_the_service_account() {
         .map(|k| k.value)
         .collect();
     assert_eq!(live, vec![value], "the key nobody saw is gone");
+}
+
+/// The keys keyward holds for a key resource: the ones in status, as Prefect key ids.
+fn held_keys(status: &KeyStatus) -> std::collections::BTreeSet<String> {
+    status
+        .key_id
+        .iter()
+        .chain(status.retiring.iter().map(|r| &r.key_id))
+        .map(|id| id.rsplit('/').next().unwrap().to_owned())
+        .collect()
+}
+
+/// A forced rotation interrupted at every point a crash can hit, then finished by a
+/// restarted controller: the service account is never deleted, the Secret's key works,
+/// the old key works through its overlap, and the bot's inventory holds no key that
+/// keyward does not — an interrupted rotation's unseen key is found by listing and
+/// gone at once, not left to expire with the overlap.
+#[tokio::test]
+async fn a_rotation_interrupted_at_any_point_is_recovered_through_the_inventory() {
+    for point in [
+        CrashPoint::BeforeUpstream,
+        CrashPoint::AfterUpstream,
+        CrashPoint::AfterSecretWrite,
+        CrashPoint::AfterStatusWrite,
+    ] {
+        let mut h = Harness::new("prefect-interrupted").await;
+        h.create("rotor", sa_spec("rotor-bot", Some("60s"))).await;
+        h.ready("rotor").await;
+        let bot = h.prefect.bots_named("rotor-bot")[0].id.clone();
+        let old = h.secret_value("rotor", "key").await;
+        h.crash_a_rotation("rotor", point).await;
+        h.start();
+        let status = h
+            .status_where("rotor", "the rotation done", |s| {
+                ready_reason(s).as_deref() == Some("True/Issued")
+                    && s.attempt.is_none()
+                    && s.rotate_request.as_deref() == Some("1")
+                    && s.revision >= Some(2)
+            })
+            .await;
+        let bots = h.prefect.bots_named("rotor-bot");
+        assert_eq!(bots.len(), 1, "{point:?}");
+        assert_eq!(
+            bots[0].id, bot,
+            "{point:?}: the service account was never deleted"
+        );
+        let value = h.secret_value("rotor", "key").await;
+        assert_ne!(value, old, "{point:?}: rotated");
+        assert!(h.authenticates(&value).await, "{point:?}");
+        assert!(
+            h.authenticates(&old).await,
+            "{point:?}: the old key works through the overlap"
+        );
+        let live: std::collections::BTreeSet<String> = h
+            .prefect
+            .live_bot_keys()
+            .into_iter()
+            .map(|k| k.id)
+            .collect();
+        assert_eq!(
+            live,
+            held_keys(&status),
+            "{point:?}: every live key of the bot is one keyward holds"
+        );
+    }
+}
+
+/// A resource deleted while its rotation was interrupted: the key nobody saw, the key
+/// in the Secret and the service account keyward made are all gone.
+#[tokio::test]
+async fn deleting_during_an_interrupted_rotation_leaves_nothing() {
+    let mut h = Harness::new("prefect-delete-interrupted").await;
+    h.create("rotor", sa_spec("doomed-bot", Some("60s"))).await;
+    h.ready("rotor").await;
+    h.crash_a_rotation("rotor", CrashPoint::AfterUpstream).await;
+    h.keys()
+        .delete("rotor", &kube::api::DeleteParams::default())
+        .await
+        .unwrap();
+    h.start();
+    common::gone(&h.keys(), "rotor", "the resource to be gone").await;
+    assert!(h.prefect.bots_named("doomed-bot").is_empty());
+    assert!(
+        h.prefect.live_bot_keys().is_empty(),
+        "no key is left working"
+    );
 }

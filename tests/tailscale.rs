@@ -17,16 +17,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, Secret, ServiceAccount},
+};
 use keyward::{
-    providers::DefaultFactory,
+    providers::{self, DefaultFactory},
     reconciler::CrashPoint,
     resources::{AuthKey, ClusterKeyProvider, KeyProvider, KeyStatus},
 };
-use keyward_emulators::{Fault, tailscale::Tailscale};
+use keyward_emulators::{
+    Fault,
+    tailscale::{EmulatedKey, FederatedIdentity, Tailscale},
+};
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 
@@ -46,6 +52,8 @@ struct Harness {
     cluster: Cluster,
     ts: Tailscale,
     factory: Arc<DefaultFactory>,
+    /// A ClusterKeyProvider of this test, deleted when the test ends.
+    _cluster_provider: Option<ClusterProvider>,
 }
 
 common::cluster_harness!(Harness);
@@ -86,9 +94,75 @@ impl Harness {
             cluster,
             ts,
             factory: Arc::new(DefaultFactory::default()),
+            _cluster_provider: None,
         };
         h.start();
         h
+    }
+
+    /// Workload identity federation, with nothing stored: a namespace without any
+    /// Secret; keyward's ServiceAccount `keyward` in it, allowed (as the chart allows
+    /// it) to request tokens for itself and nothing else; the API server's discovery
+    /// documents readable without credentials, as Tailscale must read them; the
+    /// emulator trusting the local CA and holding a federated identity for that
+    /// ServiceAccount; a ClusterKeyProvider `tailscale-<namespace>` using it; and a
+    /// controller whose factory authenticates as the ServiceAccount.
+    async fn federated(prefix: &str) -> (Self, Federation) {
+        let cluster = Cluster::new(prefix).await;
+        let ts = Tailscale::start().await;
+        let (client, ns) = (cluster.client.clone(), cluster.ns.name.clone());
+        let identity = service_account_client(&client, &ns, "keyward").await;
+        let issuer = issuer_with_public_discovery(&client).await;
+        let ca = std::fs::read_to_string(common::plane().dir().join("ca.crt")).unwrap();
+        ts.trust_ca(&ca);
+        let subject = format!("system:serviceaccount:{ns}:keyward");
+        let audience = format!("api.tailscale.com/{ns}");
+        let client_id = ts.add_federated_identity(FederatedIdentity {
+            issuer: issuer.clone(),
+            subject: subject.clone(),
+            audience: audience.clone(),
+            tags: CLIENT_TAGS.iter().map(|t| (*t).to_owned()).collect(),
+            scopes: vec!["auth_keys".into()],
+        });
+        let federation = Federation {
+            provider: format!("tailscale-{ns}"),
+            issuer,
+            subject,
+            audience,
+            client_id,
+        };
+        let mut h = Self {
+            cluster,
+            ts,
+            factory: Arc::new(DefaultFactory::with_identity(
+                providers::ServiceAccount::new(identity, ns.clone(), "keyward".into()),
+            )),
+            _cluster_provider: Some(ClusterProvider(federation.provider.clone())),
+        };
+        h.apply_federated_provider(
+            &federation.provider,
+            &federation.client_id,
+            &federation.audience,
+        )
+        .await;
+        h.start();
+        (h, federation)
+    }
+
+    /// Applies a ClusterKeyProvider `name` with `workloadIdentity` (and no Secret),
+    /// serving this test's namespace only.
+    async fn apply_federated_provider(&mut self, name: &str, client_id: &str, audience: &str) {
+        apply(
+            &self.client,
+            &self.ns.name,
+            &json!({"apiVersion": "keyward.dev/v1alpha1", "kind": "ClusterKeyProvider",
+                   "metadata": {"name": name},
+                   "spec": {"tailscale": {"apiURL": self.ts.base_url(), "tailnet": "-",
+                                          "workloadIdentity": {"clientId": client_id, "audience": audience}},
+                            "policy": {"namespaceSelector": {"matchLabels": {
+                                "kubernetes.io/metadata.name": self.ns.name}}}}}),
+        )
+        .await;
     }
 
     /// Starts a controller. The provider state (request budget, token cache) lives in
@@ -148,10 +222,146 @@ impl Harness {
             .await;
     }
 
+    /// Crashes the controller right after Tailscale created key `k`, restarts it, and
+    /// waits until `k` is Ready; the key in status must then be the only live one.
+    async fn recover_from_a_crash_after_create(&mut self, ids_only: bool) -> Vec<EmulatedKey> {
+        self.kill().await;
+        *self.faults.point.lock().unwrap() = Some(CrashPoint::AfterUpstream);
+        self.start();
+        self.create(
+            "k",
+            json!({"providerRef": {"name": "tailscale"}, "tags": ["tag:edge"], "expiry": "24h",
+                   "secret": {"key": "TS_AUTHKEY"}}),
+        )
+        .await;
+        eventually("the crash", WAIT, || async {
+            self.faults.crashed.load(Ordering::SeqCst).then_some(())
+        })
+        .await;
+        // The crashed controller may recover before it is stopped, as a restarted one
+        // would: either way the outcome is the same.
+        self.kill().await;
+        self.start();
+        let status = self.ready("k").await;
+        let live = self.ts.live_keys();
+        assert_eq!(
+            live.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
+            vec![status.key_id.as_deref().unwrap()],
+            "ids_only={ids_only}: only the key in the Secret is live"
+        );
+        live
+    }
+
     /// Requests that reached the emulator's key endpoints with `method`.
     fn key_requests(&self, method: &str) -> usize {
         self.ts.faults().count(method, "/keys")
     }
+}
+
+/// What a test needs to know about the federated identity [`Harness::federated`] set up.
+struct Federation {
+    /// The ClusterKeyProvider using it.
+    provider: String,
+    issuer: String,
+    subject: String,
+    audience: String,
+    client_id: String,
+}
+
+/// A client authenticating as ServiceAccount `ns/name`, which may create tokens for
+/// itself and nothing more — the chart's rule (`charts/keyward/templates/rbac.yaml`).
+async fn service_account_client(admin: &Client, ns: &str, name: &str) -> Client {
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), ns);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    for object in [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": format!("{name}-token"), "namespace": ns},
+               "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"],
+                          "verbs": ["create"], "resourceNames": [name]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": format!("{name}-token"), "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": format!("{name}-token")},
+               "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}]}),
+    ] {
+        apply_dynamic(admin, object).await;
+    }
+    // The token the pod's projected volume would hold.
+    let token = accounts
+        .create_token_request(
+            name,
+            &PostParams::default(),
+            &TokenRequest {
+                spec: Some(TokenRequestSpec {
+                    expiration_seconds: Some(3600),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .unwrap();
+    let plane = common::plane();
+    let ca = std::fs::read_to_string(plane.dir().join("ca.crt")).unwrap();
+    use base64::Engine;
+    let kubeconfig = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: local\n  cluster:\n    server: {}\n    certificate-authority-data: {}\nusers:\n- name: sa\n  user:\n    token: {token}\ncontexts:\n- name: sa\n  context: {{cluster: local, user: sa}}\ncurrent-context: sa\n",
+        plane.server(),
+        base64::engine::general_purpose::STANDARD.encode(ca),
+    );
+    keyward::control_plane::client_from(&kubeconfig)
+        .await
+        .unwrap()
+}
+
+/// The API server's service-account issuer, after letting anyone read its discovery
+/// documents: Tailscale fetches them without credentials, and a self-hosted cluster
+/// grants that by binding `system:service-account-issuer-discovery` (a role every API
+/// server ships) to `system:unauthenticated`.
+async fn issuer_with_public_discovery(admin: &Client) -> String {
+    apply_dynamic(
+        admin,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "keyward-test-public-oidc-discovery"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                           "name": "system:service-account-issuer-discovery"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                             "name": "system:unauthenticated"}]}),
+    )
+    .await;
+    let request = http::Request::get("/.well-known/openid-configuration")
+        .body(Vec::new())
+        .unwrap();
+    let discovery: Value = admin.request(request).await.unwrap();
+    discovery["issuer"].as_str().unwrap().to_owned()
+}
+
+/// Server-side applies any object (RBAC here) as field manager `test`.
+async fn apply_dynamic(client: &Client, object: Value) {
+    let object: kube::api::DynamicObject = serde_json::from_value(object).unwrap();
+    let types = object.types.clone().unwrap();
+    let gvk = kube::api::GroupVersionKind::try_from(&types).unwrap();
+    let resource = kube::api::ApiResource::from_gvk(&gvk);
+    let name = object.metadata.name.clone().unwrap();
+    let api: Api<kube::api::DynamicObject> = match &object.metadata.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+        None => Api::all_with(client.clone(), &resource),
+    };
+    api.patch(
+        &name,
+        &PatchParams::apply("test").force(),
+        &Patch::Apply(&object),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {name}: {e}"));
 }
 
 async fn secret(client: &Client, ns: &str, name: &str, key: &str, value: &str) {
@@ -728,28 +938,7 @@ async fn a_crash_between_create_and_secret_write_leaves_no_live_key_unaccounted_
     for ids_only in [false, true] {
         let mut h = Harness::new("ts-crash", Auth::OAuth).await;
         h.ts.set_list_ids_only(ids_only);
-        h.kill().await;
-        *h.faults.point.lock().unwrap() = Some(CrashPoint::AfterUpstream);
-        h.start();
-        h.create(
-            "k",
-            json!({"providerRef": {"name": "tailscale"}, "tags": ["tag:edge"], "expiry": "24h",
-                   "secret": {"key": "TS_AUTHKEY"}}),
-        )
-        .await;
-        eventually("the crash", WAIT, || async {
-            h.faults.crashed.load(Ordering::SeqCst).then_some(())
-        })
-        .await;
-        h.kill().await;
-        h.start();
-        let status = h.ready("k").await;
-        let live = h.ts.live_keys();
-        assert_eq!(
-            live.iter().map(|k| k.id.as_str()).collect::<Vec<_>>(),
-            vec![status.key_id.as_deref().unwrap()],
-            "ids_only={ids_only}: only the key in the Secret is live"
-        );
+        let live = h.recover_from_a_crash_after_create(ids_only).await;
         assert_eq!(h.secret_value("k", "TS_AUTHKEY").await, live[0].value);
         assert!(h.ts.keys().len() >= 2, "the orphan existed and was revoked");
         assert!(h.key_requests("GET") >= 1, "recovery listed the keys");
@@ -807,4 +996,216 @@ async fn expiry_and_description_limits_are_refused_before_anything_is_sent() {
         50
     );
     assert_eq!(h.key_requests("POST"), 1, "only the key that fits was sent");
+}
+
+/// Workload identity federation end to end, with no credential stored anywhere: the
+/// ClusterKeyProvider names a federated identity and an audience; keyward requests a
+/// token for its own ServiceAccount (TokenRequest, with the chart's RBAC only),
+/// exchanges it, and issues, rotates and revokes keys with the access token — one
+/// exchange for all of it, a new one when Tailscale no longer accepts the token.
+#[tokio::test]
+async fn workload_identity_issues_rotates_and_revokes_with_no_secret_stored() {
+    let (mut h, federation) = Harness::federated("ts-wif").await;
+    let api = h.secrets();
+    let secrets = || async {
+        api.list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|s| s.name_any())
+            .collect::<Vec<_>>()
+    };
+    assert!(secrets().await.is_empty(), "no credential Secret");
+    // What the provider's status reports is the factory's verdict (the status of a
+    // ClusterKeyProvider is also written by the other tests' controllers, whose
+    // factories know no ServiceAccount, so it is asserted here, not there).
+    let spec = Api::<ClusterKeyProvider>::all(h.client.clone())
+        .get(&federation.provider)
+        .await
+        .unwrap()
+        .spec;
+    let resolved = providers::ResolvedProvider {
+        id: federation.provider.clone(),
+        display: format!("ClusterKeyProvider {}", federation.provider),
+        spec: providers::cluster_spec(&spec),
+        credentials: Default::default(),
+    };
+    use keyward::providers::ProviderFactory;
+    assert!(
+        providers::credential_secret(&resolved.spec).is_none(),
+        "no Secret to read"
+    );
+    assert!(h.factory.build(&resolved).await.is_ok(), "Ready");
+    let unknown = DefaultFactory::default()
+        .build(&resolved)
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        unknown.to_string().contains("--service-account"),
+        "{unknown}"
+    );
+
+    h.create(
+        "edge",
+        json!({"providerRef": {"kind": "ClusterKeyProvider", "name": federation.provider},
+               "reusable": true, "tags": ["tag:edge"], "expiry": "24h",
+               "rotation": {"overlap": "3s"}, "secret": {"key": "TS_AUTHKEY"}}),
+    )
+    .await;
+    let first = h.ready("edge").await;
+    let old = first.key_id.clone().unwrap();
+    let upstream = h.ts.key(&old).unwrap();
+    assert_eq!(
+        upstream.owner,
+        keyward_emulators::tailscale::Owner::Tailnet,
+        "made with the federated identity's access token"
+    );
+    assert_eq!(h.secret_value("edge", "TS_AUTHKEY").await, upstream.value);
+    assert_eq!(h.ts.exchanges(), 1);
+    assert_eq!(
+        secrets().await,
+        vec!["edge".to_owned()],
+        "only the key's Secret"
+    );
+
+    h.rotate("edge", "1").await;
+    let second = h.revision("edge", 2).await;
+    let new = second.key_id.clone().unwrap();
+    assert_ne!(new, old);
+    assert_eq!(
+        h.secret_value("edge", "TS_AUTHKEY").await,
+        h.ts.key(&new).unwrap().value
+    );
+    eventually("the old key revoked after the overlap", WAIT, || async {
+        h.ts.key(&old).unwrap().revoked.map(|_| ())
+    })
+    .await;
+    assert_eq!(h.ts.exchanges(), 1, "one access token served it all");
+
+    // A restarted controller keeps the cached access token; once Tailscale no longer
+    // accepts it, a fresh ServiceAccount token is requested and exchanged.
+    h.kill().await;
+    h.start();
+    h.ts.expire_access_tokens();
+    h.rotate("edge", "2").await;
+    h.revision("edge", 3).await;
+    assert_eq!(h.ts.exchanges(), 2, "a new exchange after the 401");
+
+    h.delete("edge").await;
+    assert!(
+        h.ts.live_keys().is_empty(),
+        "deleting the resource revoked every key"
+    );
+    assert!(secrets().await.is_empty());
+    assert!(h.ts.exchange_refusals().is_empty());
+    let logs = common::captured_logs();
+    assert!(
+        !logs.contains("tskey-") && !logs.contains("eyJhbGciOi"),
+        "no access token, key or ServiceAccount token in the logs"
+    );
+}
+
+/// A federated identity that expects another audience, or trusts another subject,
+/// refuses the exchange with Tailscale's opaque 403. The key says CredentialsInvalid
+/// with the claims keyward presented and where each is set; fixing the audience
+/// makes it Ready.
+#[tokio::test]
+async fn a_wrong_audience_or_subject_is_credentials_invalid_naming_what_to_fix() {
+    let (mut h, federation) = Harness::federated("ts-wif-wrong").await;
+    let wrong_audience = format!("{}-other", federation.audience);
+    h.apply_federated_provider(&federation.provider, &federation.client_id, &wrong_audience)
+        .await;
+    let other_subject = format!("{}-other", federation.subject);
+    let strict = h.ts.add_federated_identity(FederatedIdentity {
+        issuer: federation.issuer.clone(),
+        subject: other_subject.clone(),
+        audience: federation.audience.clone(),
+        tags: vec!["tag:edge".into()],
+        scopes: vec!["auth_keys".into()],
+    });
+    let second = format!("{}-subject", federation.provider);
+    h.apply_federated_provider(&second, &strict, &federation.audience)
+        .await;
+    let _second = ClusterProvider(second.clone());
+    for (name, provider) in [("audience", &federation.provider), ("subject", &second)] {
+        h.create(
+            name,
+            json!({"providerRef": {"kind": "ClusterKeyProvider", "name": provider},
+                   "tags": ["tag:edge"], "expiry": "24h"}),
+        )
+        .await;
+    }
+
+    let (reason, message) = h.not_ready("audience").await;
+    assert_eq!(reason, "CredentialsInvalid", "{message}");
+    for needed in [
+        format!("audience {wrong_audience}"),
+        "spec.tailscale.workloadIdentity.audience".to_owned(),
+        format!("issuer {}", federation.issuer),
+    ] {
+        assert!(
+            message.contains(&needed),
+            "{needed:?} missing from: {message}"
+        );
+    }
+    let (reason, message) = h.not_ready("subject").await;
+    assert_eq!(reason, "CredentialsInvalid", "{message}");
+    for needed in [
+        format!("subject {}", federation.subject),
+        "--service-account".to_owned(),
+        format!("federated identity {strict}"),
+    ] {
+        assert!(
+            message.contains(&needed),
+            "{needed:?} missing from: {message}"
+        );
+    }
+    for why in ["audience", "subject"] {
+        assert!(h.ts.exchange_refused(why), "{:?}", h.ts.exchange_refusals());
+    }
+    assert!(h.ts.keys().is_empty(), "nothing was issued");
+
+    h.apply_federated_provider(
+        &federation.provider,
+        &federation.client_id,
+        &federation.audience,
+    )
+    .await;
+    h.ready("audience").await;
+}
+
+/// The keys list also carries the credential keyward runs on (a user's own API access
+/// token, an OAuth client). Orphan recovery considers auth keys only: even when those
+/// entries carry the interrupted attempt's very marker (the emulator names them after
+/// every new key), only the orphaned auth key is revoked, and the credential keeps
+/// working. Lists with and without types.
+#[tokio::test]
+async fn orphan_recovery_never_revokes_the_credential_keyward_runs_on() {
+    for (auth, ids_only) in [(Auth::Token, false), (Auth::OAuth, true)] {
+        let mut h = Harness::new("ts-orphan-cred", auth).await;
+        h.ts.set_list_ids_only(ids_only);
+        h.ts.name_credentials_after_new_keys(true);
+        let live = h.recover_from_a_crash_after_create(ids_only).await;
+        // Recovery lists before it issues again, so while it listed, the credentials
+        // carried the orphan's marker; now they carry the current key's.
+        let credentials = h.ts.credentials();
+        assert!(!credentials.is_empty());
+        assert!(
+            credentials
+                .iter()
+                .all(|c| c.description == live[0].description),
+            "{credentials:?}"
+        );
+        assert!(
+            credentials.iter().all(|c| !c.revoked),
+            "ids_only={ids_only}: {credentials:?}"
+        );
+        assert_eq!(
+            h.key_requests("DELETE"),
+            h.ts.keys().len() - 1,
+            "one delete per orphaned auth key, none for a credential"
+        );
+    }
 }

@@ -14,7 +14,10 @@
 //!   new key) and `old_key_expires_in_seconds` ("If not provided or provided Null, the
 //!   current key will be deleted. If provided, it cannot be more than 48 hours (172800
 //!   seconds) in the future."), answering like create, new key included;
-//!   `GET …/bots/{id}/read_bot_api_keys` → `{active_key, rotating_keys}`;
+//!   `GET …/bots/{id}/read_bot_api_keys` (operationId
+//!   `read_bot_api_keys_api_accounts__account_id__bots__id__read_bot_api_keys_get`) →
+//!   `{active_key, rotating_keys: [...]}`, each `{id, created, name, expiration,
+//!   masked_key}` — the keys rotated away that still work for their grace period;
 //!   `DELETE …/bots/{id}/delete_bot_api_key/{api_key_id}`.
 //! - `PrefectHQ/terraform-provider-prefect` (`internal/client/service_accounts.go`,
 //!   `internal/client/account_roles.go`, `internal/api/*.go`, the `service_account`

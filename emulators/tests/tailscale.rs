@@ -1,8 +1,14 @@
 //! The Tailscale emulator answers as the published API does.
 
+mod common;
+
 use std::time::Duration;
 
-use keyward_emulators::{Fault, tailscale::Tailscale};
+use common::Issuer;
+use keyward_emulators::{
+    Fault,
+    tailscale::{FederatedIdentity, Tailscale},
+};
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
@@ -65,6 +71,14 @@ async fn create_returns_the_key_once_and_get_never_does() {
     let id = created["id"].as_str().unwrap();
     let value = created["key"].as_str().unwrap();
     assert!(value.starts_with("tskey-auth-"));
+    assert_eq!(created["keyType"], "auth");
+    assert_eq!(created["expirySeconds"], 86400);
+    let user_id = created["userId"].as_str().unwrap();
+    assert!(
+        user_id.starts_with('u') && !user_id.contains('@'),
+        "an opaque user id, not the login: {user_id}"
+    );
+    assert_eq!(ts.user_id("alice@example.com").as_deref(), Some(user_id));
     assert_eq!(created["description"], "edge nodes");
     assert_eq!(
         created["capabilities"]["devices"]["create"],
@@ -89,14 +103,29 @@ async fn create_returns_the_key_once_and_get_never_does() {
     assert!(!got.to_string().contains(value));
     assert!(got.get("invalid").is_none());
 
+    // The list holds full key objects: the auth key as get answers it, and the
+    // caller's own API access token.
     let list: Value = get_json(&client, keys_url(&ts), &token).await;
-    assert_eq!(
-        list,
-        json!({"keys": [{"id": id, "description": "edge nodes"}]})
-    );
+    let keys = list["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2, "{list}");
+    let listed = keys.iter().find(|k| k["id"] == id).unwrap();
+    assert_eq!(listed, &got, "a listed auth key is the full object");
+    let own = keys.iter().find(|k| k["id"] != id).unwrap();
+    assert_eq!(own["keyType"], "api");
+    assert_eq!(own["id"].as_str(), ts.api_token_id(&token).as_deref());
+    assert_eq!(own["userId"], got["userId"]);
+    assert!(own.get("key").is_none());
     ts.set_list_ids_only(true);
     let list: Value = get_json(&client, keys_url(&ts), &token).await;
-    assert_eq!(list, json!({"keys": [{"id": id}]}));
+    assert_eq!(list["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        list["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id),
+        Some(&json!({"id": id}))
+    );
 }
 
 #[tokio::test]
@@ -110,7 +139,13 @@ async fn delete_revokes_and_a_second_delete_is_404() {
     assert_eq!(delete().await.unwrap().status(), StatusCode::OK);
     let got: Value = get_json(&client, &url, &token).await;
     assert_eq!(got["invalid"], true);
-    assert!(got["revoked"].is_string());
+    let revoked: jiff::Timestamp = got["revoked"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        revoked.subsec_nanosecond(),
+        0,
+        "whole seconds, as every time"
+    );
+    assert!(!got["revoked"].as_str().unwrap().contains('.'));
     let again = delete().await.unwrap();
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
     let message: Value = again.json().await.unwrap();
@@ -138,12 +173,28 @@ async fn strict_parsing_refuses_unknown_and_misspelled_fields() {
         json!({"capabilities": {"devices": {}}, "description": "x".repeat(51)}),
         json!({"capabilities": {"devices": {}}, "expirySeconds": 7_776_001}),
         json!({"capabilities": {"devices": {"create": {"tags": ["edge"]}}}}),
+        json!({"capabilities": {"devices": {"create": {"tags": ["tag:1edge"]}}}}),
+        json!({"capabilities": {"devices": {"create": {"tags": ["tag:edge_nodes"]}}}}),
+        json!({"capabilities": {"devices": {"create": {"tags": ["tag:"]}}}}),
+        json!({"keyType": "api", "capabilities": {"devices": {}}}),
+        json!({"keyType": "auth", "capabilities": {"devices": {}}, "scopes": ["all"]}),
+        json!({"keyType": "auth"}),
     ] {
         let (status, error) = create(&client, &ts, &token, bad.clone()).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
         assert!(error["message"].is_string(), "{bad}: {error}");
     }
     assert!(ts.keys().is_empty());
+    // keyType "auth" is the documented default, and may be sent.
+    let (status, created) = create(
+        &client,
+        &ts,
+        &token,
+        json!({"keyType": "auth", "capabilities": {"devices": {"create": {"tags": ["tag:edge-2", "tag:Ci9"]}}}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{created}");
+    assert_eq!(created["keyType"], "auth");
     // The minimal documented body: a single-use key without tags, 90 days.
     let (status, created) = create(
         &client,
@@ -218,10 +269,19 @@ async fn oauth_tokens_last_an_hour_and_keys_need_the_clients_tags() {
         "tailnet-owned keys need tags"
     );
 
-    // OAuth keys belong to the tailnet: a user's token does not see them.
+    // OAuth keys belong to the tailnet: a user's token does not see them (only its
+    // own API access token).
     let user = ts.add_api_token("alice@example.com");
     let list: Value = get_json(&client, keys_url(&ts), &user).await;
-    assert_eq!(list["keys"], json!([]));
+    assert_eq!(
+        list["keys"],
+        json!([get_json(
+            &client,
+            format!("{}/{}", keys_url(&ts), ts.api_token_id(&user).unwrap()),
+            &user
+        )
+        .await])
+    );
 
     ts.advance(Duration::from_secs(3601));
     let (status, _) = create(&client, &ts, &token, body(&["tag:edge"], "")).await;
@@ -350,4 +410,302 @@ async fn faults_are_served_in_order_and_every_request_is_logged() {
         .await
         .unwrap();
     assert!(started.elapsed() >= Duration::from_millis(300));
+}
+
+/// An OAuth client and a federated identity made through the keys endpoint (`keyType`
+/// client / federated), listed to the callers the API lists them to, and refused when
+/// their fields are wrong.
+#[tokio::test]
+async fn trust_credentials_are_created_listed_and_deleted_through_the_keys_endpoint() {
+    let ts = Tailscale::start().await;
+    let user = ts.add_api_token("alice@example.com");
+    let client = client();
+    let (status, made) = create(
+        &client,
+        &ts,
+        &user,
+        json!({"keyType": "client", "scopes": ["auth_keys"], "tags": ["tag:edge"], "description": "ci client"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{made}");
+    assert_eq!(made["keyType"], "client");
+    assert_eq!(made["scopes"], json!(["auth_keys"]));
+    assert_eq!(made["tags"], json!(["tag:edge"]));
+    assert_eq!(
+        made["userId"].as_str(),
+        ts.user_id("alice@example.com").as_deref()
+    );
+    let client_id = made["id"].as_str().unwrap().to_owned();
+    let secret = made["key"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("tskey-client-"));
+
+    // The client's access token sees tailnet keys and OAuth clients, not the user's.
+    let access = oauth_token(&client, &ts, &client_id, &secret).await;
+    let access = access["access_token"].as_str().unwrap().to_owned();
+    let (status, key) = create(&client, &ts, &access, body(&["tag:edge"], "tailnet key")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(key.get("userId").is_none(), "a tailnet-owned key: {key}");
+    let (_, mine) = create(&client, &ts, &user, body(&[], "mine")).await;
+    let listed: Value = get_json(&client, keys_url(&ts), &access).await;
+    let types: Vec<(String, String)> = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().into(),
+                k["keyType"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert!(
+        types.contains(&(client_id.clone(), "client".into())),
+        "{types:?}"
+    );
+    assert!(types.contains(&(key["id"].as_str().unwrap().into(), "auth".into())));
+    assert!(
+        !types.iter().any(|(id, _)| *id == mine["id"]),
+        "a user's key"
+    );
+    assert!(!types.iter().any(|(_, t)| t == "api"), "a user's API token");
+    // With `all`, the user sees the tailnet's keys too.
+    let all: Value = get_json(&client, format!("{}?all=true", keys_url(&ts)), &user).await;
+    assert!(
+        all["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == key["id"])
+    );
+    let own: Value = get_json(&client, keys_url(&ts), &user).await;
+    assert!(
+        !own["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == key["id"])
+    );
+
+    // An access token of a client with auth_keys only may neither make nor delete
+    // trust credentials.
+    let (status, _) = create(
+        &client,
+        &ts,
+        &access,
+        json!({"keyType": "client", "scopes": ["auth_keys"], "tags": ["tag:edge"]}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let delete = |id: String, token: String| {
+        let client = client.clone();
+        let url = format!("{}/{id}", keys_url(&ts));
+        async move {
+            client
+                .delete(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(
+        delete(client_id.clone(), access.clone()).await,
+        StatusCode::FORBIDDEN
+    );
+
+    for (bad, why) in [
+        (
+            json!({"keyType": "client", "tags": ["tag:edge"]}),
+            "no scope",
+        ),
+        (
+            json!({"keyType": "client", "scopes": ["auth_keys"]}),
+            "auth_keys without tags",
+        ),
+        (
+            json!({"keyType": "client", "scopes": ["all"], "capabilities": {"devices": {}}}),
+            "an auth-key field",
+        ),
+        (
+            json!({"keyType": "client", "scopes": ["all"], "issuer": "https://x"}),
+            "a federated field",
+        ),
+        (
+            json!({"keyType": "federated", "scopes": ["all"], "issuer": "http://example.com", "subject": "s"}),
+            "an http issuer",
+        ),
+        (
+            json!({"keyType": "federated", "scopes": ["all"], "issuer": "https://example.com"}),
+            "no subject",
+        ),
+        (
+            json!({"keyType": "federated", "scopes": ["all"], "subject": "s"}),
+            "no issuer",
+        ),
+    ] {
+        let (status, error) = create(&client, &ts, &user, bad).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{why}: {error}");
+    }
+    let (status, federated) = create(
+        &client,
+        &ts,
+        &user,
+        json!({"keyType": "federated", "scopes": ["auth_keys"], "tags": ["tag:edge"],
+               "issuer": "https://issuer.example.com", "subject": "system:serviceaccount:*:keyward"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{federated}");
+    assert_eq!(federated["keyType"], "federated");
+    assert!(
+        federated.get("key").is_none(),
+        "a federated identity has no secret"
+    );
+    assert_eq!(
+        federated["audience"],
+        format!("api.tailscale.com/{}", federated["id"].as_str().unwrap()),
+        "an audience is generated when none is asked for"
+    );
+
+    // The user who made the client may delete it; its tokens stop working.
+    assert_eq!(
+        delete(client_id.clone(), user.clone()).await,
+        StatusCode::OK
+    );
+    let (status, _) = create(&client, &ts, &access, body(&["tag:edge"], "")).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let again = client
+        .post(format!("{}/api/v2/oauth/token", ts.base_url()))
+        .form(&[
+            ("client_id", client_id.as_str()),
+            ("client_secret", secret.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        ts.credentials()
+            .iter()
+            .any(|c| c.id == client_id && c.revoked)
+    );
+}
+
+/// The token exchange: an identity token is checked against the issuer's own discovery
+/// document and keys, then against the federated identity's issuer, subject and
+/// audience. Whatever is wrong, the answer is the same opaque 403.
+#[tokio::test]
+async fn the_token_exchange_accepts_only_the_federated_identitys_tokens() {
+    let ts = Tailscale::start().await;
+    let issuer = Issuer::start().await;
+    let subject = "system:serviceaccount:kw:keyward";
+    let audience = "api.tailscale.com/keyward-test";
+    let id = ts.add_federated_identity(FederatedIdentity {
+        issuer: issuer.url().to_owned(),
+        subject: subject.to_owned(),
+        audience: audience.to_owned(),
+        tags: vec!["tag:edge".into()],
+        scopes: vec!["auth_keys".into()],
+    });
+    let client = client();
+    let exchange = |client_id: String, jwt: String| {
+        let client = client.clone();
+        let url = format!("{}/api/v2/oauth/token-exchange", ts.base_url());
+        async move {
+            let response = client
+                .post(url)
+                .form(&[("client_id", client_id), ("jwt", jwt)])
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            (status, response.json::<Value>().await.unwrap())
+        }
+    };
+
+    let (status, answer) = exchange(id.clone(), issuer.token(subject, audience, 600)).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{answer} {:?}",
+        ts.exchange_refusals()
+    );
+    assert_eq!(answer["token_type"], "Bearer");
+    assert_eq!(answer["expires_in"], 3600);
+    assert_eq!(answer["scope"], "auth_keys");
+    assert_eq!(ts.exchanges(), 1);
+    let access = answer["access_token"].as_str().unwrap().to_owned();
+    let (status, key) = create(&client, &ts, &access, body(&["tag:edge"], "")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(key.get("userId").is_none(), "owned by the tailnet");
+    let (status, _) = create(&client, &ts, &access, body(&["tag:prod"], "")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "only the identity's tags");
+    let listed: Value = get_json(&client, keys_url(&ts), &access).await;
+    assert!(
+        listed["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == id && k["keyType"] == "federated" && k["subject"] == subject)
+    );
+
+    let mut other_issuer = issuer.claims(subject, audience, 600);
+    other_issuer["iss"] = json!("https://elsewhere.example.com");
+    let unreachable = ts.add_federated_identity(FederatedIdentity {
+        issuer: "https://127.0.0.1:1".to_owned(),
+        subject: subject.to_owned(),
+        audience: audience.to_owned(),
+        tags: vec!["tag:edge".into()],
+        scopes: vec!["auth_keys".into()],
+    });
+    let mut unreachable_claims = issuer.claims(subject, audience, 600);
+    unreachable_claims["iss"] = json!("https://127.0.0.1:1");
+    for (client_id, jwt, why) in [
+        (
+            id.clone(),
+            issuer.token(subject, "api.tailscale.com/other", 600),
+            "audience",
+        ),
+        (
+            id.clone(),
+            issuer.token("system:serviceaccount:kw:other", audience, 600),
+            "subject",
+        ),
+        (
+            id.clone(),
+            issuer.forged(issuer.claims(subject, audience, 600)),
+            "signature",
+        ),
+        (id.clone(), issuer.token(subject, audience, -10), "expiry"),
+        (id.clone(), issuer.signed(other_issuer.clone()), "issuer"),
+        (id.clone(), "not.a-jwt".to_owned(), "the token"),
+        (
+            "kunknownCNTRL".to_owned(),
+            issuer.token(subject, audience, 600),
+            "client",
+        ),
+        (
+            unreachable.clone(),
+            issuer.signed(unreachable_claims.clone()),
+            "discovery",
+        ),
+    ] {
+        let (status, answer) = exchange(client_id, jwt).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{why}");
+        assert_eq!(answer, json!({"message": "Unauthorized"}), "{why}: opaque");
+        let refusals = ts.exchange_refusals();
+        let last = refusals.last().unwrap();
+        assert!(
+            last.starts_with(why),
+            "refused for {why}, recorded {last:?}"
+        );
+    }
+    assert_eq!(ts.exchanges(), 1);
+    let missing = client
+        .post(format!("{}/api/v2/oauth/token-exchange", ts.base_url()))
+        .form(&[("client_id", id.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
 }

@@ -24,8 +24,8 @@ use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value as Json;
 
 use super::{
-    Capabilities, IssueRequest, IssuedKey, KeyApi, KeyState, ProviderError, Refusal,
-    ResolvedProvider, SecretValue, Shared,
+    Capabilities, IssueRequest, IssuedKey, KeyApi, KeyState, MarkedKey, ProviderError, Refusal,
+    ResolvedProvider, SecretValue, Shared, marker_in,
 };
 use crate::{
     resources::{HttpMethod, HttpOperation, HttpProvider, ResponseFields},
@@ -814,6 +814,38 @@ impl KeyApi for Http {
     }
 
     async fn find_by_marker(&self, marker: &str) -> Result<Vec<String>, ProviderError> {
+        Ok(self
+            .listed(marker)
+            .await?
+            .into_iter()
+            .filter(|(_, description)| description.contains(marker))
+            .map(|(id, _)| id)
+            .collect())
+    }
+
+    /// With a list request: the listed keys whose description carries a marker. The
+    /// request's `{{ marker }}` renders as `kw:`, the start of every marker, so an API
+    /// that filters by it returns keyward's keys.
+    async fn marked_keys(&self) -> Result<Vec<MarkedKey>, ProviderError> {
+        Ok(self
+            .listed("kw:")
+            .await?
+            .into_iter()
+            .filter_map(|(id, description)| {
+                Some(MarkedKey {
+                    marker: marker_in(&description)?,
+                    id,
+                    created_at: None,
+                })
+            })
+            .collect())
+    }
+}
+
+impl Http {
+    /// `(id, description)` of every key the list request answers with, `marker`
+    /// rendered into it; empty without a list request.
+    async fn listed(&self, marker: &str) -> Result<Vec<(String, String)>, ProviderError> {
         let Some(op) = &self.list else {
             return Ok(Vec::new());
         };
@@ -829,12 +861,9 @@ impl KeyApi for Http {
         );
         let mut found = Vec::new();
         for item in list_items(self, f.items.as_ref().expect("checked in new"), &json)? {
-            let carries = description_path
-                .first(item)
-                .and_then(Json::as_str)
-                .is_some_and(|d| d.contains(marker));
-            if carries && let Some(id) = id_path.first(item) {
-                found.push(id_text(id));
+            let description = description_path.first(item).and_then(Json::as_str);
+            if let (Some(description), Some(id)) = (description, id_path.first(item)) {
+                found.push((id_text(id), description.to_owned()));
             }
         }
         Ok(found)
@@ -1096,6 +1125,16 @@ mod tests {
         (base, seen)
     }
 
+    /// `GET {base}/keys?q={{ marker }}`, items under `keys` with `id` and `name`.
+    fn list_op(base: &str) -> HttpOperation {
+        let mut list = op(&format!("{base}/keys?q={{{{ marker }}}}"));
+        list.method = HttpMethod::Get;
+        list.response.items = Some("$.keys".into());
+        list.response.id = Some("$.id".into());
+        list.response.description = Some("$.name".into());
+        list
+    }
+
     #[tokio::test]
     async fn a_rest_api_end_to_end() {
         let (base, seen) = serve(vec![
@@ -1125,12 +1164,7 @@ mod tests {
         inspect.method = HttpMethod::Get;
         inspect.response.valid = Some("$.state.active".into());
         s.inspect = Some(inspect);
-        let mut list = op(&format!("{base}/keys?q={{{{ marker }}}}"));
-        list.method = HttpMethod::Get;
-        list.response.items = Some("$.keys".into());
-        list.response.id = Some("$.id".into());
-        list.response.description = Some("$.name".into());
-        s.list = Some(list);
+        s.list = Some(list_op(&base));
         let http = build(s).unwrap();
 
         let request = IssueRequest {
@@ -1207,6 +1241,45 @@ mod tests {
         assert_eq!(
             state(serde_json::json!({"active": true, "expires": "2001-01-01T00:00:00Z"})),
             KeyState::Expired
+        );
+    }
+
+    #[tokio::test]
+    async fn marked_keys_are_the_listed_keys_that_carry_a_marker() {
+        let (base, seen) = serve(vec![(
+            200,
+            r#"{"keys": [
+                {"id": 1, "name": "agent kw:0123abcd.89ef4567"},
+                {"id": 2, "name": "made by hand"},
+                {"id": "k3", "name": "worker kw-11112222-33334444"},
+                {"id": 4}
+            ]}"#,
+        )])
+        .await;
+        let mut s = spec();
+        s.list = Some(list_op(&base));
+        let marked = build(s).unwrap().marked_keys().await.unwrap();
+        let found: Vec<(&str, &str)> = marked
+            .iter()
+            .map(|m| (m.id.as_str(), m.marker.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                ("1", "kw:0123abcd.89ef4567"),
+                ("k3", "kw:11112222.33334444")
+            ]
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert!(seen[0].starts_with("GET /keys?q=kw%3A "), "{}", seen[0]);
+        assert!(
+            build(spec())
+                .unwrap()
+                .marked_keys()
+                .await
+                .unwrap()
+                .is_empty(),
+            "no list request, nothing to list"
         );
     }
 }

@@ -6,6 +6,7 @@
 
 mod builtin;
 mod http;
+pub mod identity;
 mod prefect;
 pub mod tailscale;
 pub mod transport;
@@ -22,6 +23,7 @@ use jiff::Timestamp;
 
 pub use builtin::Builtin;
 pub use http::Http;
+pub use identity::ServiceAccount;
 pub use prefect::Prefect;
 pub use tailscale::Tailscale;
 pub use transport::{TokenCache, Transport};
@@ -180,6 +182,39 @@ pub(crate) fn parse_time(value: Option<&str>) -> Option<Timestamp> {
     value.and_then(|v| v.parse().ok())
 }
 
+/// An upstream key that carries a keyward marker, as an audit of upstream keys against
+/// resources lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkedKey {
+    /// The id keyward holds in status for this key.
+    pub id: String,
+    /// The marker (`kw:<uid8>.<attempt>`), or where the upstream has no room for one
+    /// (Prefect), the name keyward gave the principal.
+    pub marker: String,
+    pub created_at: Option<Timestamp>,
+}
+
+/// The keyward marker (`kw:<uid8>.<attempt>`, see [`crate::lifecycle::marker`]) in
+/// `text`, also in the spelling of upstreams that allow only letters, digits and
+/// dashes (`kw-<uid8>-<attempt>`), normalised to `kw:<uid8>.<attempt>`.
+pub fn marker_in(text: &str) -> Option<String> {
+    const LEN: usize = 2 + 1 + 8 + 1 + 8;
+    let bytes = text.as_bytes();
+    let hex = |s: &[u8]| {
+        s.iter()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    };
+    let word = |b: u8| b.is_ascii_alphanumeric();
+    (0..bytes.len().saturating_sub(LEN - 1)).find_map(|at| {
+        let m = &bytes[at..at + LEN];
+        let bounded =
+            (at == 0 || !word(bytes[at - 1])) && bytes.get(at + LEN).is_none_or(|b| !word(*b));
+        let spelled = (m[2] == b':' && m[11] == b'.') || (m[2] == b'-' && m[11] == b'-');
+        (bounded && m.starts_with(b"kw") && spelled && hex(&m[3..11]) && hex(&m[12..]))
+            .then(|| format!("kw:{}.{}", &text[at + 3..at + 11], &text[at + 12..at + LEN]))
+    })
+}
+
 /// One key API.
 #[async_trait]
 pub trait KeyApi: Send + Sync {
@@ -205,6 +240,12 @@ pub trait KeyApi: Send + Sync {
     /// time and the keys the resource still holds.
     async fn find_orphans(&self, attempt: &Interrupted<'_>) -> Result<Vec<String>, ProviderError> {
         self.find_by_marker(attempt.marker).await
+    }
+    /// Every upstream key the credential can see that carries a keyward marker, for an
+    /// audit of upstream keys against resources (empty where the upstream cannot be
+    /// listed). Never the credential keyward itself runs on.
+    async fn marked_keys(&self) -> Result<Vec<MarkedKey>, ProviderError> {
+        Ok(Vec::new())
     }
 }
 
@@ -260,9 +301,20 @@ pub struct Shared {
 #[derive(Default)]
 pub struct DefaultFactory {
     shared: Mutex<HashMap<String, (String, Arc<Shared>)>>,
+    /// keyward's own ServiceAccount, for providers that authenticate as it (Tailscale
+    /// `workloadIdentity`); `None` when keyward was not told which one it runs as.
+    identity: Option<ServiceAccount>,
 }
 
 impl DefaultFactory {
+    /// A factory whose providers may authenticate as `identity`.
+    pub fn with_identity(identity: ServiceAccount) -> Self {
+        Self {
+            identity: Some(identity),
+            ..Self::default()
+        }
+    }
+
     fn shared(&self, provider: &ResolvedProvider) -> Arc<Shared> {
         let spec_digest = serde_json::to_string(&provider.spec).unwrap_or_default();
         let mut all = self.shared.lock().expect("provider state lock");
@@ -306,6 +358,7 @@ impl ProviderFactory for DefaultFactory {
                 tailscale,
                 &provider.display,
                 &provider.credentials,
+                self.identity.as_ref(),
                 shared,
             )?));
         }
@@ -334,6 +387,7 @@ pub fn provider_type(spec: &KeyProviderSpec) -> &'static str {
 }
 
 /// The credential Secret a provider reads, if any: `(name, required data keys)`.
+/// Tailscale's `workloadIdentity` has none.
 pub fn credential_secret(spec: &KeyProviderSpec) -> Option<(String, Vec<String>)> {
     if let Some(t) = &spec.tailscale {
         return match (&t.api_key_secret_ref, &t.oauth) {
@@ -358,4 +412,29 @@ pub fn credential_secret(spec: &KeyProviderSpec) -> Option<(String, Vec<String>)
             .map(|r| (r.name.clone(), Vec::new()));
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::marker_in;
+
+    #[test]
+    fn markers_are_found_in_either_spelling() {
+        let m = Some("kw:0123abcd.89ef4567".to_owned());
+        assert_eq!(marker_in("kw:0123abcd.89ef4567"), m);
+        assert_eq!(marker_in("edge nodes kw-0123abcd-89ef4567"), m);
+        assert_eq!(marker_in("agent (kw:0123abcd.89ef4567)"), m);
+        for none in [
+            "",
+            "edge nodes",
+            "kw-0123abcd-89ef456",
+            "kw-0123abcd-89ef45678",
+            "xkw-0123abcd-89ef4567",
+            "kw-0123ABCD-89ef4567",
+            "kw:0123abcd-89ef4567",
+            "kw-0123abcg-89ef4567",
+        ] {
+            assert_eq!(marker_in(none), None, "{none:?}");
+        }
+    }
 }

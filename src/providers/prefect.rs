@@ -2,9 +2,11 @@
 //!
 //! Endpoints (base `apiURL`, default `https://api.prefect.cloud/api`, `Authorization:
 //! Bearer <api key>`): `POST /accounts/{account}/bots/` (201, the key value only here
-//! and from rotate), `POST …/bots/filter` (by name), `GET` / `DELETE …/bots/{id}`,
-//! `POST …/bots/{id}/rotate_api_key` (`old_key_expires_in_seconds` ≤ 172800 keeps the
-//! old key working that long), `DELETE …/bots/{id}/delete_bot_api_key/{key id}` and
+//! and from rotate), `POST …/bots/filter` (by name, or every bot a page at a time),
+//! `DELETE …/bots/{id}`, `POST …/bots/{id}/rotate_api_key` (`old_key_expires_in_seconds`
+//! ≤ 172800 keeps the old key working that long), `GET …/bots/{id}/read_bot_api_keys`
+//! (the bot's key inventory: `active_key` and the `rotating_keys` still within their
+//! grace), `DELETE …/bots/{id}/delete_bot_api_key/{key id}` and
 //! `POST …/account_roles/filter` (role id by name).
 //!
 //! Key ids are `created/<bot id>/<api key id>` or `adopted/<bot id>/<api key id>`:
@@ -14,14 +16,19 @@
 //! - `serviceAccount.create: true`: the first key creates the bot (name, role by name,
 //!   `api_key_expiration` from `spec.expiry` or none); later keys rotate it with
 //!   `old_key_expires_in_seconds` = the overlap (and `PATCH` its role first when
-//!   `spec.role` changed); revoking the bot's current key deletes the bot. A bot of that name that keyward does not hold is refused
-//!   (`ServiceAccountExists`), never taken over.
+//!   `spec.role` changed); revoking the bot's current key deletes the bot. A bot of that
+//!   name that keyward does not hold is refused (`ServiceAccountExists`), never taken
+//!   over.
 //! - `create: false`: the bot is found by name (`ServiceAccountNotFound` otherwise);
 //!   every key is a rotation; revoking the current key rotates it away at once and
-//!   discards the new key (which expires after a minute); the bot stays.
-//! - Revoking a key that is no longer the bot's current one deletes just that key
-//!   (`delete_bot_api_key`) if it is still within its grace period; otherwise it is
-//!   already gone.
+//!   discards the new key (which expires after half a minute); the bot stays.
+//! - Revoking a key that is no longer the bot's active one deletes just that key
+//!   (`delete_bot_api_key`) if the inventory still lists it; otherwise it is gone.
+//! - What keyward never handed out is found by listing, not inferred: the inventory
+//!   of every bot keyward holds a key of shows the keys nobody saw (an interrupted
+//!   rotation's); see [`Prefect::find_orphans`]. Only an interrupted *first* issuance
+//!   — no key held yet — falls back to the bot's name and creation time, with the
+//!   residual risk `docs/providers/prefect.md` states.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -33,15 +40,17 @@ use serde_json::{Value, json};
 use tracing::warn;
 
 use super::{
-    Capabilities, Interrupted, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, ProviderError,
-    Refusal, SecretValue, Shared, parse_time, transport::Reply,
+    Capabilities, Interrupted, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, MarkedKey,
+    ProviderError, Refusal, SecretValue, Shared, parse_time, transport::Reply,
 };
 use crate::resources::PrefectProvider;
 
 /// The longest a rotated-away key may keep working (`old_key_expires_in_seconds`).
 pub const MAX_OVERLAP: Duration = Duration::from_secs(172_800);
-/// Lifetime of the key an adopted bot is left with after keyward revokes its own.
-const DISCARDED_KEY_LIFETIME: SignedDuration = SignedDuration::from_secs(60);
+/// Lifetime of a key keyward makes only to rotate another one away (a bot always has
+/// an active key): shorter than any key keyward hands out (`spec.expiry` is at least a
+/// minute), so a key this short-lived is recognisably one keyward discarded.
+const DISCARDED_KEY_LIFETIME: SignedDuration = SignedDuration::from_secs(30);
 /// A bot created this long before an interrupted attempt started still counts as the
 /// attempt's own (clock skew between keyward and Prefect, whole-second status times).
 const CREATED_SKEW: SignedDuration = SignedDuration::from_secs(5);
@@ -51,6 +60,9 @@ const CREATED_SKEW: SignedDuration = SignedDuration::from_secs(5);
 enum Mode {
     Created,
     Adopted,
+    /// A key nobody was handed (an interrupted attempt's) on a bot that must stay:
+    /// revoking it rotates it away at once, never deletes the bot. Only ever an orphan.
+    Unseen,
 }
 
 /// A key id taken apart.
@@ -67,6 +79,7 @@ impl KeyRef {
         let mode = match parts.next()? {
             "created" => Mode::Created,
             "adopted" => Mode::Adopted,
+            "unseen" => Mode::Unseen,
             _ => return None,
         };
         let bot = parts.next().filter(|s| !s.is_empty())?.to_owned();
@@ -81,6 +94,7 @@ impl KeyRef {
         let mode = match self.mode {
             Mode::Created => "created",
             Mode::Adopted => "adopted",
+            Mode::Unseen => "unseen",
         };
         format!("{mode}/{}/{}", self.bot, self.key)
     }
@@ -109,6 +123,37 @@ struct BotKey {
     expiration: Option<String>,
     #[serde(default)]
     key: Option<String>,
+}
+
+impl BotKey {
+    fn created(&self) -> Option<Timestamp> {
+        parse_time(self.created.as_deref())
+    }
+
+    /// A key keyward made only to rotate another one away.
+    fn is_discarded(&self) -> bool {
+        match (self.created(), parse_time(self.expiration.as_deref())) {
+            (Some(created), Some(expires)) => {
+                expires.duration_since(created) <= DISCARDED_KEY_LIFETIME + CREATED_SKEW
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A bot's keys (`read_bot_api_keys`): the active one, and those rotated away that still
+/// work for their grace period.
+#[derive(Deserialize)]
+struct Inventory {
+    active_key: BotKey,
+    #[serde(default)]
+    rotating_keys: Vec<BotKey>,
+}
+
+impl Inventory {
+    fn keys(&self) -> impl Iterator<Item = &BotKey> {
+        std::iter::once(&self.active_key).chain(&self.rotating_keys)
+    }
 }
 
 #[derive(Deserialize)]
@@ -257,40 +302,83 @@ impl Prefect {
         }
     }
 
-    /// Bots whose name is exactly `name`.
-    async fn bots_named(&self, name: &str) -> Result<Vec<Bot>, ProviderError> {
-        let body =
-            json!({"service_accounts": {"name": {"any_": [name]}}, "limit": 200, "offset": 0});
-        let reply = self
-            .call(
-                "find service account",
-                Method::POST,
-                "bots/filter",
-                Some(body),
-            )
-            .await?;
-        if !reply.is_success() {
-            return Err(self.unexpected("list service accounts", &reply));
+    /// Bots whose name is exactly `name`, or every bot of the account.
+    async fn bots(&self, name: Option<&str>) -> Result<Vec<Bot>, ProviderError> {
+        const PAGE: usize = 200;
+        let mut all = Vec::new();
+        loop {
+            let mut body = json!({"limit": PAGE, "offset": all.len()});
+            if let Some(name) = name {
+                body["service_accounts"] = json!({"name": {"any_": [name]}});
+            }
+            let reply = self
+                .call(
+                    "find service account",
+                    Method::POST,
+                    "bots/filter",
+                    Some(body),
+                )
+                .await?;
+            if !reply.is_success() {
+                return Err(self.unexpected("list service accounts", &reply));
+            }
+            let page: Vec<Bot> = reply.json("list service accounts")?;
+            let last = page.len() < PAGE;
+            all.extend(page);
+            if last {
+                break;
+            }
         }
-        let bots: Vec<Bot> = reply.json("list service accounts")?;
-        Ok(bots.into_iter().filter(|b| b.name == name).collect())
+        Ok(all
+            .into_iter()
+            .filter(|b| name.is_none_or(|n| b.name == n))
+            .collect())
     }
 
-    /// The bot, or `None` when it no longer exists.
-    async fn bot(&self, id: &str) -> Result<Option<Bot>, ProviderError> {
+    async fn bots_named(&self, name: &str) -> Result<Vec<Bot>, ProviderError> {
+        self.bots(Some(name)).await
+    }
+
+    /// The bot's key inventory, or `None` when the bot no longer exists.
+    async fn inventory(&self, bot: &str) -> Result<Option<Inventory>, ProviderError> {
         let reply = self
             .call(
-                "read service account",
+                "read service account keys",
                 Method::GET,
-                &format!("bots/{id}"),
+                &format!("bots/{bot}/read_bot_api_keys"),
                 None,
             )
             .await?;
         match reply.status {
             404 => Ok(None),
-            _ if reply.is_success() => Ok(Some(reply.json("read service account")?)),
-            _ => Err(self.unexpected("read a service account", &reply)),
+            _ if reply.is_success() => Ok(Some(reply.json("read service account keys")?)),
+            _ => Err(self.unexpected("read a service account's keys", &reply)),
         }
+    }
+
+    async fn delete_bot(&self, bot: &str) -> Result<(), ProviderError> {
+        let reply = self
+            .call(
+                "delete service account",
+                Method::DELETE,
+                &format!("bots/{bot}"),
+                None,
+            )
+            .await?;
+        if reply.is_success() || reply.status == 404 {
+            Ok(())
+        } else {
+            Err(self.unexpected("delete a service account", &reply))
+        }
+    }
+
+    /// Rotates the bot's active key away at once; the new key, which nobody will see,
+    /// expires within [`DISCARDED_KEY_LIFETIME`].
+    async fn discard_active_key(&self, bot: &str) -> Result<(), ProviderError> {
+        let expires = Timestamp::now().checked_add(DISCARDED_KEY_LIFETIME).ok();
+        self.rotate(bot, expires, Some(Duration::ZERO))
+            .await
+            .map(drop)
     }
 
     async fn role_id(&self, role: &str) -> Result<String, ProviderError> {
@@ -415,6 +503,19 @@ impl Prefect {
     }
 }
 
+/// How long the bot's active key keeps working after a rotation: the overlap, so the
+/// key keyward handed out outlives the switch. An active key keyward never handed out
+/// (an interrupted rotation's, or one rotated in out of band after keyward's) is rotated
+/// away at once: the key keyward holds was already rotated away, with its own grace,
+/// and nobody can be using the unseen one.
+fn grace(bot: &Bot, previous: Option<&KeyRef>, overlap: Duration) -> Option<Duration> {
+    let active = bot.api_key.as_ref().map(|k| k.id.as_str());
+    match previous {
+        Some(p) if p.bot == bot.id && active != Some(p.key.as_str()) => Some(Duration::ZERO),
+        _ => Some(overlap),
+    }
+}
+
 fn exists(name: &str) -> ProviderError {
     ProviderError::Refused {
         reason: "ServiceAccountExists",
@@ -498,9 +599,8 @@ impl KeyApi for Prefect {
                     {
                         self.set_role(&bot.id, role).await?;
                     }
-                    let bot = self
-                        .rotate(&bot.id, expiration, Some(request.overlap))
-                        .await?;
+                    let grace = grace(&bot, previous.as_ref(), request.overlap);
+                    let bot = self.rotate(&bot.id, expiration, grace).await?;
                     Self::issued(Mode::Created, bot, "rotate key")
                 }
                 Some(_) => Err(exists(name)),
@@ -515,9 +615,8 @@ impl KeyApi for Prefect {
                     ),
                 });
             };
-            let bot = self
-                .rotate(&bot.id, expiration, Some(request.overlap))
-                .await?;
+            let grace = grace(&bot, previous.as_ref(), request.overlap);
+            let bot = self.rotate(&bot.id, expiration, grace).await?;
             Self::issued(Mode::Adopted, bot, "rotate key")
         }
     }
@@ -529,67 +628,57 @@ impl KeyApi for Prefect {
             warn!(key_id, "not a Prefect key id; nothing to revoke upstream");
             return Ok(());
         };
-        let Some(bot) = self.bot(&key.bot).await? else {
+        let Some(inventory) = self.inventory(&key.bot).await? else {
             return Ok(());
         };
-        let current = bot.api_key.as_ref().map(|k| k.id.as_str());
-        if current == Some(key.key.as_str()) {
+        if inventory.active_key.id == key.key {
             return match key.mode {
-                Mode::Created => {
-                    let reply = self
-                        .call(
-                            "delete service account",
-                            Method::DELETE,
-                            &format!("bots/{}", key.bot),
-                            None,
-                        )
-                        .await?;
-                    if reply.is_success() || reply.status == 404 {
-                        Ok(())
-                    } else {
-                        Err(self.unexpected("delete a service account", &reply))
-                    }
-                }
-                Mode::Adopted => {
-                    // Rotate our key away at once; nobody ever sees the new one.
-                    let expires = Timestamp::now().checked_add(DISCARDED_KEY_LIFETIME).ok();
-                    self.rotate(&key.bot, expires, Some(Duration::ZERO))
-                        .await
-                        .map(drop)
-                }
+                Mode::Created => self.delete_bot(&key.bot).await,
+                // Rotate the key away at once; nobody ever sees the new one.
+                Mode::Adopted | Mode::Unseen => self.discard_active_key(&key.bot).await,
             };
         }
-        // Rotated away already: delete it if it is still in its grace period.
-        let reply = self
-            .call(
-                "delete old key",
-                Method::DELETE,
-                &format!("bots/{}/delete_bot_api_key/{}", key.bot, key.key),
-                None,
-            )
-            .await?;
-        if reply.is_success() || reply.status == 404 {
-            Ok(())
-        } else {
-            Err(self.unexpected("delete a rotated-away key", &reply))
+        if inventory.rotating_keys.iter().any(|k| k.id == key.key) {
+            let reply = self
+                .call(
+                    "delete old key",
+                    Method::DELETE,
+                    &format!("bots/{}/delete_bot_api_key/{}", key.bot, key.key),
+                    None,
+                )
+                .await?;
+            if !(reply.is_success() || reply.status == 404) {
+                return Err(self.unexpected("delete a rotated-away key", &reply));
+            }
         }
+        // A bot keyward made, left with no key but one keyward discarded (its last key
+        // was revoked after an interrupted rotation's unseen key was rotated away), is
+        // keyward's to delete: nothing else would.
+        let others_rotating = inventory.rotating_keys.iter().any(|k| k.id != key.key);
+        if key.mode == Mode::Created && !others_rotating && inventory.active_key.is_discarded() {
+            self.delete_bot(&key.bot).await?;
+        }
+        Ok(())
     }
 
     async fn inspect(&self, key_id: &str) -> Result<KeyState, ProviderError> {
         let Some(key) = KeyRef::parse(key_id) else {
             return Ok(KeyState::Unknown);
         };
-        let Some(bot) = self.bot(&key.bot).await? else {
+        let Some(inventory) = self.inventory(&key.bot).await? else {
             return Ok(KeyState::Revoked);
         };
-        let Some(current) = bot.api_key.filter(|k| k.id == key.key) else {
-            // Rotated away (by keyward's own interrupted attempt, or out of band).
+        if inventory.active_key.id != key.key {
+            // Rotated away (it may still work for its grace period, but the Secret must
+            // move on), or deleted.
             return Ok(KeyState::Revoked);
-        };
-        Ok(match parse_time(current.expiration.as_deref()) {
-            Some(at) if at <= Timestamp::now() => KeyState::Expired,
-            _ => KeyState::Valid,
-        })
+        }
+        Ok(
+            match parse_time(inventory.active_key.expiration.as_deref()) {
+                Some(at) if at <= Timestamp::now() => KeyState::Expired,
+                _ => KeyState::Valid,
+            },
+        )
     }
 
     async fn find_by_marker(&self, _marker: &str) -> Result<Vec<String>, ProviderError> {
@@ -597,41 +686,75 @@ impl KeyApi for Prefect {
         Ok(Vec::new())
     }
 
-    /// With `create: true`, an interrupted attempt's bot is a bot of the service
-    /// account's name that keyward holds no key of and that was created after the
-    /// attempt started; revoking its current key deletes it. A bot that existed
-    /// before (someone else's: the attempt was refused) is never touched.
+    /// Keys an interrupted attempt left that nobody was handed, found by listing:
     ///
-    /// Nothing else is an orphan: an interrupted rotation replaced the key of the bot
-    /// keyward holds, and deleting that bot would cut off the workload. Its trigger
-    /// (renewal time, rotate annotation, spec change) still holds after the restart,
-    /// so the rotation is retried at once; that `rotate_api_key` rotates the unseen key
-    /// away with the overlap as its grace, after which it is gone upstream. Nobody
-    /// ever held its value. An adopted bot's unseen key goes the same way.
+    /// - On every bot keyward holds a key of, the inventory names them: any key it does
+    ///   not hold. A rotated-away one is deleted; an active one (an interrupted
+    ///   rotation's) is rotated away at once, so the bot and the key keyward holds —
+    ///   already rotated away by that attempt, with the overlap as its grace — stay.
+    /// - With `create: true` and no key held on a bot of the service account's name (an
+    ///   interrupted first issuance) only the name and times remain: a bot created
+    ///   since the attempt started (Prefect's clock against keyward's, 5s of skew
+    ///   allowed) is the attempt's own and is deleted; one that existed before is
+    ///   someone else's (the attempt was refused for it) and never touched.
+    /// - An interrupted first issuance on an adopted bot leaves nothing keyward can tell
+    ///   from the key the bot already had: the retried issuance rotates it away, with
+    ///   the overlap as its grace.
     async fn find_orphans(&self, attempt: &Interrupted<'_>) -> Result<Vec<String>, ProviderError> {
         let shape: &KeyShape = attempt.shape;
-        let Some(name) = shape.service_account.as_deref() else {
-            return Ok(Vec::new());
-        };
-        if !shape.create_service_account {
-            return Ok(Vec::new());
-        }
         let held: Vec<KeyRef> = attempt
             .held
             .iter()
             .filter_map(|id| KeyRef::parse(id))
             .collect();
+        let mut orphans = Vec::new();
+        let mut bots: Vec<(&str, Mode)> = Vec::new();
+        for key in &held {
+            if !bots.iter().any(|(bot, _)| *bot == key.bot) {
+                bots.push((&key.bot, key.mode));
+            }
+        }
+        for (bot, mode) in &bots {
+            let Some(inventory) = self.inventory(bot).await? else {
+                continue;
+            };
+            let holds = |key: &str| held.iter().any(|h| h.bot == *bot && h.key == key);
+            for key in inventory.rotating_keys.iter().filter(|k| !holds(&k.id)) {
+                orphans.push(
+                    KeyRef {
+                        mode: *mode,
+                        bot: (*bot).to_owned(),
+                        key: key.id.clone(),
+                    }
+                    .id(),
+                );
+            }
+            if !holds(&inventory.active_key.id) {
+                orphans.push(
+                    KeyRef {
+                        mode: Mode::Unseen,
+                        bot: (*bot).to_owned(),
+                        key: inventory.active_key.id.clone(),
+                    }
+                    .id(),
+                );
+            }
+        }
+
+        if !shape.create_service_account {
+            return Ok(orphans);
+        }
+        let Some(name) = shape.service_account.as_deref() else {
+            return Ok(orphans);
+        };
         let since = attempt
             .started_at
             .checked_sub(CREATED_SKEW)
             .unwrap_or(attempt.started_at);
-        let mut orphans = Vec::new();
         for bot in self.bots_named(name).await? {
-            if held.iter().any(|k| k.bot == bot.id) {
-                continue;
-            }
+            let held_bot = bots.iter().any(|(held, _)| *held == bot.id);
             let created = parse_time(bot.created.as_deref());
-            if created.is_none_or(|c| c < since) {
+            if held_bot || created.is_none_or(|c| c < since) {
                 continue;
             }
             if let Some(key) = &bot.api_key {
@@ -646,6 +769,30 @@ impl KeyApi for Prefect {
             }
         }
         Ok(orphans)
+    }
+
+    /// Every live key of every bot of the account. Prefect gives a bot no room for a
+    /// marker: the bot's name is what ties it to a `ServiceAccountKey`.
+    async fn marked_keys(&self) -> Result<Vec<MarkedKey>, ProviderError> {
+        let mut marked = Vec::new();
+        for bot in self.bots(None).await? {
+            let Some(inventory) = self.inventory(&bot.id).await? else {
+                continue;
+            };
+            for key in inventory.keys() {
+                marked.push(MarkedKey {
+                    id: KeyRef {
+                        mode: Mode::Created,
+                        bot: bot.id.clone(),
+                        key: key.id.clone(),
+                    }
+                    .id(),
+                    marker: bot.name.clone(),
+                    created_at: key.created(),
+                });
+            }
+        }
+        Ok(marked)
     }
 }
 
@@ -870,5 +1017,160 @@ mod tests {
         };
         let text = describe(&reply);
         assert_eq!(text, "HTTP 422: body.x: Extra inputs are not permitted");
+    }
+
+    /// A rotation whose answer never reached keyward (as after a crash): issued on the
+    /// bot keyward holds `held` of, then dropped.
+    async fn lose_a_rotation(api: &Prefect, name: &str, held: &IssuedKey) -> String {
+        let mut req = request(name, true);
+        req.previous = Some(held.id.clone());
+        req.overlap = Duration::from_secs(60);
+        let lost = api.issue(&req).await.unwrap();
+        KeyRef::parse(&lost.id).unwrap().key
+    }
+
+    fn interrupted<'a>(shape: &'a KeyShape, held: &[&IssuedKey]) -> Interrupted<'a> {
+        Interrupted {
+            marker: "kw:00000000.00000000",
+            shape,
+            started_at: Timestamp::now() - SignedDuration::from_secs(1),
+            held: held.iter().map(|k| k.id.clone()).collect(),
+        }
+    }
+
+    /// After an interrupted rotation the inventory shows the key nobody saw; it is
+    /// rotated away at once, the bot and the held key (within its grace) stay, and the
+    /// retried rotation leaves exactly the held keys live.
+    #[tokio::test]
+    async fn an_interrupted_rotation_is_found_by_listing_and_the_bot_stays() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        let shape = request("agent", true).shape;
+        let first = api.issue(&request("agent", true)).await.unwrap();
+        let bot = KeyRef::parse(&first.id).unwrap().bot;
+        let works = |key: &str| emulator.key(key).unwrap().is_valid(Timestamp::now());
+        // Interrupted twice: the second try rotates the first one's unseen key away at
+        // once (it is not the key keyward holds), so only the second's is left.
+        let unseen_first = lose_a_rotation(&api, "agent", &first).await;
+        let unseen = lose_a_rotation(&api, "agent", &first).await;
+        assert!(!works(&unseen_first));
+        // Then someone rotated it with a grace period: a rotating key nobody holds too.
+        api.rotate(&bot, None, Some(Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let active = emulator.bots_named("agent")[0].active_key.clone();
+        let orphans = api
+            .find_orphans(&interrupted(&shape, &[&first]))
+            .await
+            .unwrap();
+        assert_eq!(
+            orphans,
+            vec![
+                format!("created/{bot}/{unseen}"),
+                format!("unseen/{bot}/{active}"),
+            ]
+        );
+        for orphan in &orphans {
+            api.revoke(orphan).await.unwrap();
+        }
+        assert!(
+            emulator.authenticates(first.value.expose()),
+            "the held key still works"
+        );
+        assert_eq!(emulator.bots_named("agent").len(), 1, "the bot stays");
+        assert!(
+            !works(&unseen) && !works(&active),
+            "no key nobody saw still works"
+        );
+
+        // The retried rotation: its new key and the held one, nothing else.
+        let mut req = request("agent", true);
+        req.previous = Some(first.id.clone());
+        req.overlap = Duration::from_secs(60);
+        let second = api.issue(&req).await.unwrap();
+        let mut live: Vec<String> = emulator.live_bot_keys().into_iter().map(|k| k.id).collect();
+        live.sort();
+        let mut expected = vec![
+            KeyRef::parse(&first.id).unwrap().key,
+            KeyRef::parse(&second.id).unwrap().key,
+        ];
+        expected.sort();
+        assert_eq!(live, expected);
+        assert!(
+            api.find_orphans(&interrupted(&shape, &[&second, &first]))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// A resource deleted while a rotation was interrupted: the unseen key is rotated
+    /// away, then revoking the held key leaves the bot with only the key keyward
+    /// discarded, and keyward deletes the bot it made.
+    #[tokio::test]
+    async fn deleting_during_an_interrupted_rotation_leaves_no_bot() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        let shape = request("agent", true).shape;
+        let first = api.issue(&request("agent", true)).await.unwrap();
+        lose_a_rotation(&api, "agent", &first).await;
+        for orphan in api
+            .find_orphans(&interrupted(&shape, &[&first]))
+            .await
+            .unwrap()
+        {
+            api.revoke(&orphan).await.unwrap();
+        }
+        assert_eq!(emulator.bots_named("agent").len(), 1);
+        api.revoke(&first.id).await.unwrap();
+        assert!(
+            emulator.bots_named("agent").is_empty(),
+            "the bot keyward made is gone"
+        );
+        assert!(emulator.live_bot_keys().is_empty());
+
+        // An ordinary retirement never deletes the bot: its active key is a real one.
+        let kept = api.issue(&request("kept", true)).await.unwrap();
+        let mut req = request("kept", true);
+        req.previous = Some(kept.id.clone());
+        req.overlap = Duration::from_secs(60);
+        req.lifetime = Some(Duration::from_secs(60));
+        let current = api.issue(&req).await.unwrap();
+        api.revoke(&kept.id).await.unwrap();
+        assert!(!emulator.authenticates(kept.value.expose()));
+        assert!(emulator.authenticates(current.value.expose()));
+        assert_eq!(emulator.bots_named("kept").len(), 1);
+    }
+
+    /// The inventory: every live key of every bot, named after its bot.
+    #[tokio::test]
+    async fn marked_keys_list_every_live_key_of_every_bot() {
+        let emulator = Emulator::start().await;
+        let api = provider(&emulator, &emulator.add_admin_key()).await;
+        let first = api.issue(&request("agent", true)).await.unwrap();
+        let mut req = request("agent", true);
+        req.previous = Some(first.id.clone());
+        req.overlap = Duration::from_secs(60);
+        let second = api.issue(&req).await.unwrap();
+        let (ui_bot, _) = emulator.create_bot_in_ui("someone-elses");
+        let mut marked = api.marked_keys().await.unwrap();
+        marked.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut ids: Vec<(String, String)> = marked
+            .iter()
+            .map(|m| (m.id.clone(), m.marker.clone()))
+            .collect();
+        ids.sort();
+        let ui_key = emulator.bots_named("someone-elses")[0].active_key.clone();
+        let mut expected = vec![
+            (first.id.clone(), "agent".to_owned()),
+            (second.id.clone(), "agent".to_owned()),
+            (
+                format!("created/{ui_bot}/{ui_key}"),
+                "someone-elses".to_owned(),
+            ),
+        ];
+        expected.sort();
+        assert_eq!(ids, expected);
+        assert!(marked.iter().all(|m| m.created_at.is_some()));
     }
 }

@@ -54,10 +54,25 @@ pub struct TailscaleOAuth {
     pub client_secret_ref: SecretKeyRef,
 }
 
+/// Tailscale workload identity federation: keyward's own ServiceAccount token, with
+/// this audience, exchanged for an API access token through a federated identity, so
+/// no Tailscale secret is stored anywhere.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TailscaleWorkloadIdentity {
+    /// The federated identity's client id (not secret).
+    #[schemars(length(min = 1, max = 200))]
+    pub client_id: String,
+    /// The audience the federated identity expects (its `aud`, e.g.
+    /// `api.tailscale.com/<client id>`); keyward requests its token with exactly this.
+    #[schemars(length(min = 1, max = 1000))]
+    pub audience: String,
+}
+
 /// Tailscale API v2 auth keys.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.apiKeySecretRef) != has(self.oauth)").message("tailscale needs exactly one credential: apiKeySecretRef (an API access token) or oauth (an OAuth client)"))]
+#[x_kube(validation = Rule::new("[has(self.apiKeySecretRef), has(self.oauth), has(self.workloadIdentity)].filter(x, x).size() == 1").message("tailscale needs exactly one credential: apiKeySecretRef (an API access token), oauth (an OAuth client) or workloadIdentity (keyward's ServiceAccount token, exchanged through a federated identity)"))]
 pub struct TailscaleProvider {
     /// API base URL; `http://` is allowed for emulators and proxies.
     #[serde(rename = "apiURL", default = "default_tailscale_url")]
@@ -73,6 +88,9 @@ pub struct TailscaleProvider {
     /// An OAuth client instead of an API access token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oauth: Option<TailscaleOAuth>,
+    /// Workload identity federation instead of a stored credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_identity: Option<TailscaleWorkloadIdentity>,
 }
 
 fn default_tailscale_url() -> String {
