@@ -732,13 +732,14 @@ async fn a_failing_upstream_is_retried_with_backoff_not_in_a_loop() {
 // Regressions of the lifecycle-correctness findings (issue 10): each failed on the
 // reconciler before the planner, and passes now.
 
-/// Waits until the controller has finished `n` more reconciles than `since`.
-async fn reconciles_after(h: &Harness, since: u64, n: u64) {
-    let ctx = h.ctx().clone();
-    eventually("more reconciles", WAIT, || async {
-        (ctx.reconciles.load(Ordering::SeqCst) >= since + n).then_some(())
+/// Waits until the status describes the key's current generation and nothing is in
+/// flight: the controller has looked at the latest edit.
+async fn settled(h: &Harness, name: &str) -> KeyStatus {
+    let generation = h.keys().get(name).await.unwrap().metadata.generation;
+    h.status_where(name, "the latest generation observed", |s| {
+        s.observed_generation == generation && s.attempt.is_none() && s.is_ready()
     })
-    .await;
+    .await
 }
 
 /// Finding 1: a resource deleted while its create is in flight lost its finalizer
@@ -852,39 +853,53 @@ async fn an_adopted_issuance_records_what_it_was_for_and_the_change_since_rotate
 #[tokio::test]
 async fn the_rotate_annotation_present_at_creation_issues_once() {
     let h = Harness::new("rotate-at-create").await;
+    let manifest = |rotate: &str, extra: serde_json::Value| {
+        json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
+            "metadata": {"name": "k", "annotations": {"keyward.dev/rotate": rotate}},
+            "spec": spec(extra)
+        })
+    };
+    apply(&h.client, &h.ns.name, &manifest("2026-12-01", json!({}))).await;
+    let status = h.ready("k").await;
+    assert_eq!(status.rotate_request.as_deref(), Some("2026-12-01"));
+    // An edit that does not shape the key: once the status describes it, the
+    // controller has looked at the key after it became Ready, and found nothing due.
     apply(
         &h.client,
         &h.ns.name,
-        &json!({
-            "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-            "metadata": {"name": "k", "annotations": {"keyward.dev/rotate": "2026-12-01"}},
-            "spec": spec(json!({}))
-        }),
+        &manifest("2026-12-01", json!({"rotation": {"overlap": "1m"}})),
     )
     .await;
-    let status = h.ready("k").await;
-    assert_eq!(status.rotate_request.as_deref(), Some("2026-12-01"));
-    // The status write wakes the key again; it must find nothing to do.
-    let since = h.ctx().reconciles.load(Ordering::SeqCst);
-    reconciles_after(&h, since, 1).await;
+    let status = settled(&h, "k").await;
+    assert_eq!(
+        status.revision,
+        Some(1),
+        "one key for the creation and its annotation"
+    );
+    assert_eq!(h.upstream.issued(), 1);
+
     // A spec edit and an annotation bump in one apply: one new key.
     apply(
         &h.client,
         &h.ns.name,
-        &json!({
-            "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
-            "metadata": {"name": "k", "annotations": {"keyward.dev/rotate": "2026-12-02"}},
-            "spec": spec(json!({"tags": ["tag:x"]}))
-        }),
+        &manifest("2026-12-02", json!({"tags": ["tag:x"]})),
     )
     .await;
     h.status_where("k", "the edit and the bump done", |s| {
         s.revision == Some(2) && s.attempt.is_none() && s.is_ready()
     })
     .await;
-    let since = h.ctx().reconciles.load(Ordering::SeqCst);
-    reconciles_after(&h, since, 1).await;
-    let status = h.ready("k").await;
+    apply(
+        &h.client,
+        &h.ns.name,
+        &manifest(
+            "2026-12-02",
+            json!({"tags": ["tag:x"], "rotation": {"overlap": "2m"}}),
+        ),
+    )
+    .await;
+    let status = settled(&h, "k").await;
     assert_eq!(status.revision, Some(2), "one issuance per trigger");
     assert_eq!(h.upstream.issued(), 2);
 }

@@ -16,6 +16,7 @@
 
 mod executor;
 mod memo;
+mod watches;
 mod world;
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
@@ -24,12 +25,7 @@ use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Resource, ResourceExt,
-    runtime::{
-        Controller, WatchStreamExt,
-        controller::Action,
-        reflector::{self, ObjectRef, Store},
-        watcher,
-    },
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
@@ -37,6 +33,7 @@ use tracing::warn;
 pub use crate::context::{Context, CrashPoint, Error, Faults, MANAGER, NoFaults, Result, Settings};
 pub use executor::{World, reconcile as execute};
 pub use memo::Memo;
+pub use watches::Shared;
 pub use world::KubeWorld;
 
 use crate::{
@@ -246,18 +243,12 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, world: Arc<KubeWorld>
     Action::requeue(wait)
 }
 
-/// The watches of one namespace (None: all), shared by both key kinds.
-struct Watches {
-    secrets: Store<Secret>,
-    secret_events: reflector::ReflectHandle<Secret>,
-}
-
 /// Runs the controller of one key kind in one namespace (None: all) until `shutdown`
 /// resolves.
 async fn run_kind<K: ManagedKey>(
     world: Arc<KubeWorld>,
     namespace: Option<String>,
-    secret_events: reflector::ReflectHandle<Secret>,
+    secret_events: impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = world.ctx().client.clone();
@@ -274,7 +265,7 @@ async fn run_kind<K: ManagedKey>(
     };
     let concurrency = world.ctx().settings.concurrency;
     controller
-        .owns_shared_stream(secret_events)
+        .owns_stream(secret_events)
         .watches(
             namespaced_providers,
             watcher::Config::default(),
@@ -316,13 +307,12 @@ async fn run_kind<K: ManagedKey>(
         .await;
 }
 
-/// Starts the watch of keyward's own Secrets in one namespace (None: all) and waits
-/// until its cache holds them, so that no key is planned from an empty cache.
+/// The watch of keyward's own Secrets (by label) in one namespace (None: all).
 async fn watch_secrets(
     ctx: &Context,
     namespace: Option<&str>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Watches {
+) -> Shared<Secret> {
     let api: Api<Secret> = match namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
@@ -332,23 +322,7 @@ async fn watch_secrets(
         secret::MANAGED_BY_LABEL,
         secret::MANAGED_BY
     ));
-    let (store, writer) = reflector::store_shared(1024);
-    let secret_events = writer.subscribe().expect("a shared store has subscribers");
-    let stream = watcher(api, managed)
-        .default_backoff()
-        .reflect_shared(writer)
-        .for_each(|_| futures::future::ready(()));
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = stream => {}
-            _ = shutdown => {}
-        }
-    });
-    let _ = store.wait_until_ready().await;
-    Watches {
-        secrets: store,
-        secret_events,
-    }
+    Shared::start(api, managed, shutdown).await
 }
 
 /// Runs both key controllers and the provider status controllers until `shutdown`
@@ -359,20 +333,19 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
     let mut controllers = Vec::new();
     for ns in ctx.settings.watched_namespaces() {
-        let watches = watch_secrets(&ctx, ns.as_deref(), shutdown.clone()).await;
-        let world = Arc::new(KubeWorld::new(ctx.clone(), watches.secrets));
+        let secrets = watch_secrets(&ctx, ns.as_deref(), shutdown.clone()).await;
+        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone()));
         controllers.push(
             run_kind::<AuthKey>(
                 world.clone(),
                 ns.clone(),
-                watches.secret_events.clone(),
+                secrets.subscribe(),
                 shutdown.clone(),
             )
             .boxed(),
         );
         controllers.push(
-            run_kind::<ServiceAccountKey>(world, ns, watches.secret_events, shutdown.clone())
-                .boxed(),
+            run_kind::<ServiceAccountKey>(world, ns, secrets.subscribe(), shutdown.clone()).boxed(),
         );
     }
     futures::join!(
