@@ -3,6 +3,7 @@
 //! The library holds everything the `keyward` binary does, so integration tests and
 //! `keyward dev` drive the same code as production.
 
+pub mod context;
 pub mod control_plane;
 pub mod crds;
 pub mod leader;
@@ -13,6 +14,7 @@ pub mod provider_status;
 pub mod providers;
 pub mod ratelimit;
 pub mod reconciler;
+pub mod resolve;
 pub mod resources;
 pub mod secret;
 pub mod server;

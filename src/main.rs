@@ -95,6 +95,11 @@ struct RunArgs {
     /// How long the leader keeps trying to renew before it gives up and exits.
     #[arg(long, env = "KEYWARD_RENEW_DEADLINE", default_value = "10s", value_parser = duration)]
     renew_deadline: Duration,
+    /// How long one upstream issuance may take. An issuance cut short (a crash, a
+    /// lost answer) is presumed able to land for twice this long after it started;
+    /// then keyward looks for its key by marker and revokes it.
+    #[arg(long, env = "KEYWARD_ISSUE_DEADLINE", default_value = "30s", value_parser = duration)]
+    issue_deadline: Duration,
     /// How often candidates try to acquire, and the leader renews.
     #[arg(long, env = "KEYWARD_RETRY_PERIOD", default_value = "2s", value_parser = duration)]
     retry_period: Duration,
@@ -236,6 +241,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .filter(|n| !n.is_empty())
                 .collect(),
             concurrency: args.concurrency,
+            timing: keyward::lifecycle::Timing::with_deadline(args.issue_deadline),
         },
     );
     let shutdown = shutdown_signal().boxed().shared();

@@ -16,11 +16,10 @@ use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
 
 use crate::{
+    context::{Context, Error, Result, write_status},
+    lifecycle::{comparable, set_condition},
     providers::{self, provider_type},
-    reconciler::{
-        Context, Error, Result, build_provider, comparable, provider_names, set_condition,
-        write_status,
-    },
+    resolve::{build_provider, provider_names},
     resources::{ClusterKeyProvider, KeyProvider, KeyProviderSpec, ProviderKind, ProviderStatus},
 };
 
@@ -104,12 +103,13 @@ async fn reconcile<P: ProviderResource>(provider: Arc<P>, ctx: Arc<Context>) -> 
         reason,
         &message,
         generation,
+        jiff::Timestamp::now(),
     );
     status.observed_generation = generation;
     status.provider_type = Some(kind.to_owned());
     if comparable(&status) != comparable(&original) {
         let api = P::api(&ctx, provider.namespace().as_deref());
-        write_status(&api, &*provider, &status).await?;
+        write_status(&api, &*provider, &status, false).await?;
     }
     Ok(Action::requeue(RECHECK))
 }
@@ -137,7 +137,9 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()> + Clone + Send + Sync + 'static,
 ) {
-    let namespaced = crate::reconciler::watched_namespaces(&ctx.settings)
+    let namespaced = ctx
+        .settings
+        .watched_namespaces()
         .into_iter()
         .map(|ns| run_kind::<KeyProvider>(ctx.clone(), ns, shutdown.clone()));
     futures::join!(

@@ -16,8 +16,9 @@ use k8s_openapi::{
 use sha2::{Digest, Sha256};
 
 use crate::{
+    lifecycle::{IssuedFacts, SecretView},
     providers::SecretValue,
-    resources::SecretSpec,
+    resources::{IssueAttempt, SecretSpec},
     template::{Escape, Template, Value, Vocabulary},
 };
 
@@ -28,6 +29,11 @@ pub const ATTEMPT_ANNOTATION: &str = "keyward.dev/attempt";
 pub const REVISION_ANNOTATION: &str = "keyward.dev/revision";
 pub const CREATED_AT_ANNOTATION: &str = "keyward.dev/created-at";
 pub const EXPIRES_AT_ANNOTATION: &str = "keyward.dev/expires-at";
+/// What the attempt was for: so that a key found in a Secret after a restart is
+/// recorded as what it was issued for, not what the spec says by then.
+pub const SHAPE_ANNOTATION: &str = "keyward.dev/shape";
+pub const REASON_ANNOTATION: &str = "keyward.dev/reason";
+pub const ROTATE_REQUEST_ANNOTATION: &str = "keyward.dev/rotate-request";
 /// Label on every Secret keyward writes, so the operator watches only those.
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 pub const MANAGED_BY: &str = "keyward";
@@ -147,6 +153,55 @@ pub fn secret_hash(secret: &Secret) -> String {
     let empty = BTreeMap::new();
     let data = secret.data.as_ref().unwrap_or(&empty);
     data_hash(data.iter().map(|(k, v)| (k, v.0.as_slice())))
+}
+
+/// keyward's annotations on a Secret that holds the key of `attempt`.
+pub fn attempt_annotations(attempt: &IssueAttempt, key: &IssuedFacts) -> BTreeMap<String, String> {
+    let mut annotations = BTreeMap::from([
+        (KEY_ID_ANNOTATION.to_owned(), key.id.clone()),
+        (ATTEMPT_ANNOTATION.to_owned(), attempt.id.clone()),
+        (REVISION_ANNOTATION.to_owned(), attempt.revision.to_string()),
+        (CREATED_AT_ANNOTATION.to_owned(), key.created_at.to_string()),
+        (SHAPE_ANNOTATION.to_owned(), attempt.shape.clone()),
+        (REASON_ANNOTATION.to_owned(), attempt.reason.clone()),
+    ]);
+    if let Some(expires) = key.expires_at {
+        annotations.insert(EXPIRES_AT_ANNOTATION.to_owned(), expires.to_string());
+    }
+    if let Some(rotate) = &attempt.rotate_request {
+        annotations.insert(ROTATE_REQUEST_ANNOTATION.to_owned(), rotate.clone());
+    }
+    annotations
+}
+
+/// What keyward's annotations on a Secret say, for the planner; `owner` is the uid of
+/// the key resource looking at it.
+pub fn view(secret: &Secret, owner: &str) -> SecretView {
+    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+    let text = |k: &str| annotations.get(k).cloned();
+    let time = |k: &str| annotations.get(k).and_then(|v| v.parse().ok());
+    let owned = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == owner && o.controller == Some(true));
+    SecretView {
+        uid: secret.metadata.uid.clone(),
+        resource_version: secret.metadata.resource_version.clone(),
+        hash: secret_hash(secret),
+        owned,
+        attempt: text(ATTEMPT_ANNOTATION),
+        key_id: text(KEY_ID_ANNOTATION),
+        revision: annotations
+            .get(REVISION_ANNOTATION)
+            .and_then(|v| v.parse().ok()),
+        created_at: time(CREATED_AT_ANNOTATION),
+        expires_at: time(EXPIRES_AT_ANNOTATION),
+        shape: text(SHAPE_ANNOTATION),
+        reason: text(REASON_ANNOTATION),
+        rotate_request: text(ROTATE_REQUEST_ANNOTATION),
+    }
 }
 
 /// The whole Secret object keyward applies (one server-side apply: a workload sees

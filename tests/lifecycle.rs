@@ -728,3 +728,238 @@ async fn a_failing_upstream_is_retried_with_backoff_not_in_a_loop() {
     h.upstream.refuse_issue.store(false, Ordering::SeqCst);
     h.ready("failing").await;
 }
+
+// Regressions of the lifecycle-correctness findings (issue 10): each failed on the
+// reconciler before the planner, and passes now.
+
+/// Waits until the status describes the key's current generation and nothing is in
+/// flight: the controller has looked at the latest edit.
+async fn settled(h: &Harness, name: &str) -> KeyStatus {
+    let generation = h.keys().get(name).await.unwrap().metadata.generation;
+    h.status_where(name, "the latest generation observed", |s| {
+        s.observed_generation == generation && s.attempt.is_none() && s.is_ready()
+    })
+    .await
+}
+
+/// Finding 1: a resource deleted while its create is in flight lost its finalizer
+/// without revoking anything (cleanup returned Ok on a stale status).
+#[tokio::test]
+async fn a_key_deleted_during_its_issuance_leaves_nothing_behind() {
+    let h = Harness::new("delete-issuing").await;
+    h.upstream.hold_creates(true);
+    h.create("k", spec(json!({}))).await;
+    eventually("the create to arrive upstream", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    h.keys()
+        .delete("k", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.upstream.hold_creates(false);
+    h.gone("k", "the deleted key to go").await;
+    assert_eq!(h.upstream.issued(), 1, "the held create landed");
+    assert!(h.upstream.live().is_empty(), "{:?}", h.upstream.live());
+    assert!(
+        h.secrets().get_opt("k").await.unwrap().is_none(),
+        "no Secret left"
+    );
+}
+
+/// Finding 2: a crash while the upstream was still processing the create left a key
+/// nothing referenced (recovery looked once, found nothing yet, forgot the attempt).
+#[tokio::test]
+async fn a_create_that_lands_after_a_crash_is_found_and_revoked() {
+    let mut h = Harness::new("late-landing").await;
+    h.upstream.hold_creates(true);
+    h.create("k", spec(json!({}))).await;
+    eventually("the create to arrive upstream", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    h.kill().await;
+    h.start();
+    // The restarted controller must not give up on the attempt before it can no
+    // longer land; it lands now.
+    h.upstream.hold_creates(false);
+    let status = h.ready("k").await;
+    eventually("the late key to be revoked", WAIT, || async {
+        (h.upstream.live().len() == 1).then_some(())
+    })
+    .await;
+    let live = h.upstream.live();
+    assert_eq!(
+        live[0].0,
+        status.key_id.unwrap(),
+        "only the Secret's key is live"
+    );
+    assert_eq!(h.upstream.issued(), 2, "the late one and its replacement");
+}
+
+/// Finding 4 (and 5): an interrupted issuance adopted after a restart recorded the
+/// spec as it was by then, so a spec change made while the operator was down was
+/// marked done with a key of the old spec; and the Secret it moved from stayed.
+#[tokio::test]
+async fn an_adopted_issuance_records_what_it_was_for_and_the_change_since_rotates() {
+    let mut h = Harness::new("adopt-past").await;
+    h.create("k", spec(json!({"tags": ["tag:a"]}))).await;
+    h.ready("k").await;
+    // A spec change that moves the Secret; the issuance for it reaches the new
+    // Secret, then the operator dies.
+    *h.faults.point.lock().unwrap() = Some(CrashPoint::AfterSecretWrite);
+    h.create(
+        "k",
+        spec(json!({"tags": ["tag:b"], "secret": {"name": "moved", "key": "TOKEN"}})),
+    )
+    .await;
+    eventually("the crash", WAIT, || async {
+        h.faults.crashed.load(Ordering::SeqCst).then_some(())
+    })
+    .await;
+    h.kill().await;
+    // While it is down, the spec changes again.
+    h.create(
+        "k",
+        spec(json!({"tags": ["tag:c"], "secret": {"name": "moved", "key": "TOKEN"}})),
+    )
+    .await;
+    h.start();
+    let keys = h.keys();
+    let status = common::status_where(&keys, "k", "Ready for the latest spec", |s| {
+        s.is_ready() && s.revision == Some(3) && s.attempt.is_none()
+    })
+    .await;
+    let current = h.upstream.key(status.key_id.as_deref().unwrap()).unwrap();
+    assert_eq!(
+        current.shape.tags,
+        vec![keyward::resources::Tag("tag:c".into())],
+        "the key in the Secret was issued for the spec it is Ready for"
+    );
+    assert_eq!(h.secret_value("moved", "TOKEN").await, current.value);
+    eventually("the Secret the key moved away from to go", WAIT, || async {
+        h.secrets()
+            .get_opt("k")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+}
+
+/// Finding 6: a resource created with `keyward.dev/rotate` set (the annotation lives
+/// in the GitOps manifest) got a second key on the next reconcile.
+#[tokio::test]
+async fn the_rotate_annotation_present_at_creation_issues_once() {
+    let h = Harness::new("rotate-at-create").await;
+    let manifest = |rotate: &str, extra: serde_json::Value| {
+        json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey",
+            "metadata": {"name": "k", "annotations": {"keyward.dev/rotate": rotate}},
+            "spec": spec(extra)
+        })
+    };
+    apply(&h.client, &h.ns.name, &manifest("2026-12-01", json!({}))).await;
+    let status = h.ready("k").await;
+    assert_eq!(status.rotate_request.as_deref(), Some("2026-12-01"));
+    // An edit that does not shape the key: once the status describes it, the
+    // controller has looked at the key after it became Ready, and found nothing due.
+    apply(
+        &h.client,
+        &h.ns.name,
+        &manifest("2026-12-01", json!({"rotation": {"overlap": "1m"}})),
+    )
+    .await;
+    let status = settled(&h, "k").await;
+    assert_eq!(
+        status.revision,
+        Some(1),
+        "one key for the creation and its annotation"
+    );
+    assert_eq!(h.upstream.issued(), 1);
+
+    // A spec edit and an annotation bump in one apply: one new key.
+    apply(
+        &h.client,
+        &h.ns.name,
+        &manifest("2026-12-02", json!({"tags": ["tag:x"]})),
+    )
+    .await;
+    h.status_where("k", "the edit and the bump done", |s| {
+        s.revision == Some(2) && s.attempt.is_none() && s.is_ready()
+    })
+    .await;
+    apply(
+        &h.client,
+        &h.ns.name,
+        &manifest(
+            "2026-12-02",
+            json!({"tags": ["tag:x"], "rotation": {"overlap": "2m"}}),
+        ),
+    )
+    .await;
+    let status = settled(&h, "k").await;
+    assert_eq!(status.revision, Some(2), "one issuance per trigger");
+    assert_eq!(h.upstream.issued(), 2);
+}
+
+/// Finding 7: `renewBefore` close to the lifetime rotated in a loop (the jitter put
+/// the renewal before creation). A ten-second window renews once, after ~9–10s.
+#[tokio::test]
+async fn renew_before_close_to_the_lifetime_renews_once_per_window() {
+    let h = Harness::new("renew-window").await;
+    h.create(
+        "k",
+        spec(json!({"expiry": "10m", "rotation": {"renewBefore": "9m50s", "overlap": "1s"}})),
+    )
+    .await;
+    let first = h.ready("k").await;
+    let second = h
+        .status_where("k", "revision 2", |s| {
+            s.revision == Some(2) && s.attempt.is_none()
+        })
+        .await;
+    let created = |s: &KeyStatus| s.created_at.as_ref().unwrap().0;
+    let gap = created(&second).duration_since(created(&first));
+    assert!(
+        gap.as_secs() >= 8,
+        "renewed {gap:?} after issuance; the window is 10s"
+    );
+    assert!(
+        second.renewal_time.as_ref().unwrap().0 > created(&second),
+        "the next renewal is after the new key's creation"
+    );
+}
+
+/// Finding 8: the issuance backoff lived in memory, so a restart forgot it.
+#[tokio::test]
+async fn the_issuance_backoff_survives_a_restart() {
+    let mut h = Harness::new("backoff-restart").await;
+    h.upstream.refuse_issue.store(true, Ordering::SeqCst);
+    h.create("k", spec(json!({}))).await;
+    let before = eventually("four failed issuances", WAIT * 2, || async {
+        let calls = h.upstream.issue_calls.lock().unwrap().clone();
+        (calls.len() >= 4).then_some(calls)
+    })
+    .await;
+    let status = h
+        .status_where("k", "the fourth failure recorded", |s| {
+            s.backoff.as_ref().is_some_and(|b| b.failures >= 4)
+        })
+        .await;
+    let failures = status.backoff.unwrap().failures;
+    h.kill().await;
+    h.start();
+    let after = eventually("the next issuance", WAIT * 2, || async {
+        let calls = h.upstream.issue_calls.lock().unwrap().clone();
+        (calls.len() > before.len()).then_some(calls)
+    })
+    .await;
+    let gap = after[before.len()] - before[before.len() - 1];
+    let backoff = keyward::lifecycle::backoff_after(failures);
+    assert!(
+        gap + Duration::from_secs(1) >= backoff,
+        "retried {gap:?} after the last failure across a restart; the backoff is {backoff:?}"
+    );
+}

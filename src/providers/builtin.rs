@@ -71,6 +71,7 @@ impl KeyApi for Builtin {
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             overlap: true,
+            local: true,
             ..Capabilities::default()
         }
     }

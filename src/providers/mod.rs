@@ -68,7 +68,7 @@ pub struct KeyShape {
 }
 
 /// One issuance.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct IssueRequest {
     /// Identifies the attempt upstream (description / name); how orphans are found.
     pub marker: String,
@@ -105,7 +105,7 @@ pub enum KeyState {
 }
 
 /// What a provider supports.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Capabilities {
     /// The longest lifetime the upstream grants.
     pub max_lifetime: Option<Duration>,
@@ -121,6 +121,9 @@ pub struct Capabilities {
     pub listing: bool,
     /// Keys can be inspected for validity.
     pub inspect: bool,
+    /// Keys are minted locally and exist nowhere else (builtin): nothing upstream can
+    /// be left behind, so no attempt is recorded before issuing.
+    pub local: bool,
 }
 
 /// Why a provider call failed. Messages never contain key values.

@@ -618,6 +618,7 @@ impl KeyApi for Tailscale {
             overlap: true,
             listing: true,
             inspect: true,
+            local: false,
         }
     }
 

@@ -314,7 +314,9 @@ pub struct RetiringKey {
 
 /// An issuance in flight, recorded in status before the upstream call so that a
 /// crash at any point can be recovered: the marker is carried in the upstream key's
-/// description / name, and is how an orphan is found again.
+/// description / name, and is how an orphan is found again. It also records what the
+/// issuance was for, so that completing it after a restart records that, not the
+/// spec as it is by then.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IssueAttempt {
@@ -324,8 +326,43 @@ pub struct IssueAttempt {
     pub marker: String,
     /// Why a key is being issued (e.g. `Initial`, `Renewing`, `SecretMismatch`).
     pub reason: String,
-    /// When the attempt started.
+    /// When the attempt started: its upstream request cannot land later than the
+    /// landing window after this.
     pub started_at: Time,
+    /// Digest of the spec shape the key is issued for.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub shape: String,
+    /// The `keyward.dev/rotate` value the issuance answers, if the annotation was set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// The Secret the key goes into.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub secret_name: String,
+    /// The revision the key will have.
+    #[serde(default)]
+    pub revision: i64,
+}
+
+/// Consecutive failed issuances: the next one waits 1s, 2s, 4s … 5m after the last,
+/// unless the spec or the rotate request changed since. Kept in status so that a
+/// restart or a failover does not forget it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssueBackoff {
+    /// Failed issuances in a row.
+    pub failures: u32,
+    /// When the last one failed.
+    pub last_failure_time: Time,
+    /// The generation they were tried for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// The rotate request they were tried for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotate_request: Option<String>,
+    /// Condition reason of the last failure (`IssueFailed`, or what the upstream refused).
+    pub reason: String,
+    /// What failed, and what to change where the upstream said.
+    pub message: String,
 }
 
 /// Observed state of an `AuthKey` or `ServiceAccountKey`. Never holds a key value.
@@ -379,4 +416,10 @@ pub struct KeyStatus {
     /// `Revoked`, `Expired`); cleared when a new key is issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<String>,
+    /// Failed issuances, while they last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<IssueBackoff>,
+    /// Secrets keyward wrote under an earlier `secret.name`, still to be deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retired_secrets: Vec<String>,
 }

@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
 use keyward::{
+    lifecycle::Timing,
     providers::ProviderFactory,
     reconciler::{self, Context, Faults, ManagedKey, Settings},
     resources::{AuthKey, ClusterKeyProvider, KeyProvider, KeyStatus, ServiceAccountKey},
@@ -16,6 +17,14 @@ use kube::{
 use serde_json::{Value, json};
 
 use super::{TestNamespace, eventually, upstream::CrashOnce};
+
+/// Issuance timing of the in-process controllers: a short deadline, so that an
+/// interrupted issuance is recovered within seconds (the emulators answer in
+/// milliseconds unless a test delays them).
+pub const TEST_TIMING: Timing = Timing {
+    issue_deadline: Duration::from_secs(3),
+    landing_window: Duration::from_secs(6),
+};
 
 /// How long a test waits for the controller to get somewhere.
 pub const WAIT: Duration = Duration::from_secs(60);
@@ -79,6 +88,7 @@ impl Controller {
                 operator_namespace: ns.to_owned(),
                 namespaces: vec![ns.to_owned()],
                 concurrency,
+                timing: TEST_TIMING,
             },
         );
         let task = tokio::spawn(reconciler::run(ctx.clone(), futures::future::pending()));

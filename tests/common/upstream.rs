@@ -14,7 +14,7 @@ use std::{
 use async_trait::async_trait;
 use keyward::{
     providers::{
-        Builtin, Capabilities, IssueRequest, IssuedKey, KeyApi, KeyState, ProviderError,
+        Builtin, Capabilities, IssueRequest, IssuedKey, KeyApi, KeyShape, KeyState, ProviderError,
         ProviderFactory, ResolvedProvider,
     },
     reconciler::{CrashPoint, Faults},
@@ -26,9 +26,10 @@ pub struct UpstreamKey {
     pub marker: String,
     pub value: String,
     pub revoked: bool,
+    /// What the key was issued for.
+    pub shape: KeyShape,
 }
 
-#[derive(Default)]
 pub struct Upstream {
     pub keys: Mutex<BTreeMap<String, UpstreamKey>>,
     pub calls: AtomicUsize,
@@ -36,11 +37,35 @@ pub struct Upstream {
     pub refuse_revoke: AtomicBool,
     /// When each issue call arrived, refused or not.
     pub issue_calls: Mutex<Vec<std::time::Instant>>,
+    /// While true, creates are held: they arrive, and are carried out (the key lands)
+    /// only once it is false again — whether or not their caller is still waiting.
+    hold: tokio::sync::watch::Sender<bool>,
+    /// Creates that arrived and have not landed yet.
+    pub in_flight: AtomicUsize,
+    me: std::sync::Weak<Upstream>,
 }
 
 impl Upstream {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
+        Arc::new_cyclic(|me| Self {
+            keys: Mutex::default(),
+            calls: AtomicUsize::default(),
+            refuse_issue: AtomicBool::default(),
+            refuse_revoke: AtomicBool::default(),
+            issue_calls: Mutex::default(),
+            hold: tokio::sync::watch::channel(false).0,
+            in_flight: AtomicUsize::default(),
+            me: me.clone(),
+        })
+    }
+
+    fn me(&self) -> Arc<Self> {
+        self.me.upgrade().expect("the double outlives its calls")
+    }
+
+    /// Holds (true) or releases (false) creates.
+    pub fn hold_creates(&self, hold: bool) {
+        self.hold.send_replace(hold);
     }
 
     pub fn key(&self, id: &str) -> Option<UpstreamKey> {
@@ -85,15 +110,27 @@ impl KeyApi for Upstream {
         let key = Builtin::new(&BuiltinProvider::default())
             .issue(request)
             .await?;
-        self.keys.lock().unwrap().insert(
-            key.id.clone(),
-            UpstreamKey {
-                marker: request.marker.clone(),
-                value: key.value.expose().to_owned(),
-                revoked: false,
-            },
-        );
-        Ok(key)
+        let record = UpstreamKey {
+            marker: request.marker.clone(),
+            value: key.value.expose().to_owned(),
+            revoked: false,
+            shape: request.shape.clone(),
+        };
+        // The create is carried out by the "server", not by the caller's future: a
+        // caller that is dropped (a crash) does not stop it from landing.
+        let mut hold = self.hold.subscribe();
+        let (landed, answer) = tokio::sync::oneshot::channel();
+        let upstream = self.me();
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        tokio::spawn(async move {
+            let _ = hold.wait_for(|held| !held).await;
+            upstream.keys.lock().unwrap().insert(key.id.clone(), record);
+            upstream.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let _ = landed.send(key);
+        });
+        answer
+            .await
+            .map_err(|_| ProviderError::Unavailable("the upstream went away".into()))
     }
 
     async fn revoke(&self, key_id: &str) -> Result<(), ProviderError> {

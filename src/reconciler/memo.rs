@@ -1,0 +1,202 @@
+//! Read your own writes: the objects this process wrote, until the watch caches have
+//! caught up with them.
+//!
+//! A reconcile is often started by the watch event of one of keyward's own writes (the
+//! Secret) while the event of the next one (the status) is still on its way, so the
+//! cached key it is handed predates what keyward itself wrote a moment ago. Planning
+//! from that would re-issue a key that was just issued. Guarded writes would catch it
+//! (409), but only after the wasted work, and a provider that mints locally records
+//! nothing before it mints. Remembering what was written, and planning from whichever
+//! of the cache and the memo is newer, costs no request.
+//!
+//! "Newer" compares `resourceVersion`s as the integers etcd makes them; where one does
+//! not parse, the cache wins (the guarded writes still protect correctness).
+
+use std::{
+    any::Any,
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+use super::ManagedKey;
+
+type Entry = (u64, Arc<dyn Any + Send + Sync>);
+
+#[derive(Default)]
+pub struct Memo {
+    keys: Mutex<HashMap<String, Entry>>,
+    secrets: Mutex<HashMap<String, (u64, Arc<Secret>)>>,
+    /// Keys a write of this process failed on without saying whether it went through
+    /// (a 5xx, a timeout): neither the cache nor the memo can be trusted for them
+    /// until they are read again.
+    doubted: Mutex<std::collections::HashSet<String>>,
+}
+
+fn version(rv: Option<String>) -> Option<u64> {
+    rv?.parse().ok()
+}
+
+fn id<K: ManagedKey>(key: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::KIND,
+        key.namespace().unwrap_or_default(),
+        key.name_any()
+    )
+}
+
+fn secret_id(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+impl Memo {
+    /// The newer of `cached` and what this process last wrote of it.
+    pub fn freshest<K: ManagedKey>(&self, cached: &K) -> K {
+        let mut keys = self.keys.lock().expect("memo lock");
+        let id = id(cached);
+        let Some((written, object)) = keys.get(&id) else {
+            return cached.clone();
+        };
+        match version(cached.resource_version()) {
+            Some(cache) if cache < *written => object
+                .downcast_ref::<K>()
+                .cloned()
+                .unwrap_or_else(|| cached.clone()),
+            _ => {
+                keys.remove(&id);
+                cached.clone()
+            }
+        }
+    }
+
+    /// A write of `key` failed in a way that leaves open whether it went through.
+    pub fn doubt<K: ManagedKey>(&self, key: &K) {
+        self.doubted.lock().expect("memo lock").insert(id(key));
+    }
+
+    /// Whether `key` must be read from the API server before planning from it.
+    pub fn doubted<K: ManagedKey>(&self, key: &K) -> bool {
+        self.doubted.lock().expect("memo lock").contains(&id(key))
+    }
+
+    pub fn wrote<K: ManagedKey>(&self, written: &K) {
+        self.doubted.lock().expect("memo lock").remove(&id(written));
+        if let Some(rv) = version(written.resource_version()) {
+            let object: Arc<dyn Any + Send + Sync> = Arc::new(written.clone());
+            self.keys
+                .lock()
+                .expect("memo lock")
+                .insert(id(written), (rv, object));
+        }
+    }
+
+    /// The object is gone: nothing to remember.
+    pub fn forget<K: ManagedKey>(&self, key: &K) {
+        self.keys.lock().expect("memo lock").remove(&id(key));
+        self.doubted.lock().expect("memo lock").remove(&id(key));
+    }
+
+    /// The newer of the cached Secret and what this process last wrote of it.
+    pub fn secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        cached: Option<Arc<Secret>>,
+    ) -> Option<Arc<Secret>> {
+        let mut secrets = self.secrets.lock().expect("memo lock");
+        let id = secret_id(namespace, name);
+        let Some((written, object)) = secrets.get(&id) else {
+            return cached;
+        };
+        let cache = cached.as_ref().and_then(|s| version(s.resource_version()));
+        match cache {
+            Some(cache) if cache >= *written => {
+                secrets.remove(&id);
+                cached
+            }
+            _ => Some(object.clone()),
+        }
+    }
+
+    pub fn wrote_secret(&self, written: &Secret) {
+        if let Some(rv) = version(written.resource_version()) {
+            let id = secret_id(
+                &written.namespace().unwrap_or_default(),
+                &written.name_any(),
+            );
+            self.secrets
+                .lock()
+                .expect("memo lock")
+                .insert(id, (rv, Arc::new(written.clone())));
+        }
+    }
+
+    /// A write of the Secret failed in a way that leaves open whether it went through.
+    pub fn doubt_secret(&self, namespace: &str, name: &str) {
+        let id = secret_id(namespace, name);
+        self.secrets.lock().expect("memo lock").remove(&id);
+        self.doubted.lock().expect("memo lock").insert(id);
+    }
+
+    /// Whether the Secret must be read from the API server before planning from it;
+    /// asking clears the doubt (the caller reads it).
+    pub fn take_secret_doubt(&self, namespace: &str, name: &str) -> bool {
+        self.doubted
+            .lock()
+            .expect("memo lock")
+            .remove(&secret_id(namespace, name))
+    }
+
+    /// The Secret was deleted: the cache, not the memo, says what is there now.
+    pub fn deleted_secret(&self, namespace: &str, name: &str) {
+        self.secrets
+            .lock()
+            .expect("memo lock")
+            .remove(&secret_id(namespace, name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::{AuthKey, AuthKeySpec};
+
+    fn key(rv: &str, revision: i64) -> AuthKey {
+        let mut k = AuthKey::new(
+            "k",
+            serde_json::from_value::<AuthKeySpec>(
+                serde_json::json!({"providerRef": {"name": "p"}}),
+            )
+            .unwrap(),
+        );
+        k.metadata.namespace = Some("ns".into());
+        k.metadata.resource_version = Some(rv.into());
+        k.status = Some(crate::resources::KeyStatus {
+            revision: Some(revision),
+            ..Default::default()
+        });
+        k
+    }
+
+    #[test]
+    fn an_older_cached_copy_yields_to_what_was_written_until_the_cache_catches_up() {
+        let memo = Memo::default();
+        memo.wrote(&key("12", 2));
+        assert_eq!(
+            memo.freshest(&key("10", 1)).status.unwrap().revision,
+            Some(2)
+        );
+        assert_eq!(
+            memo.freshest(&key("13", 3)).status.unwrap().revision,
+            Some(3)
+        );
+        // Caught up: forgotten.
+        assert_eq!(
+            memo.freshest(&key("11", 1)).status.unwrap().revision,
+            Some(1)
+        );
+    }
+}

@@ -1,0 +1,355 @@
+//! The controllers for `AuthKey` and `ServiceAccountKey`: watches that decide when a
+//! key is looked at, and an executor ([`executor`]) that carries out what
+//! [`crate::lifecycle`] plans for it against the API server and the provider
+//! ([`KubeWorld`]).
+//!
+//! How an issuance survives a crash at any point (each step is one planner step):
+//! 1. status.attempt (marker, shape, rotate request, Secret, revision), written
+//!    guarded by `resourceVersion` — not for a provider that mints locally.
+//! 2. the upstream create, carrying the marker — crash after 1 or 2: the attempt
+//!    stays in status until its create can no longer land (the landing window), then
+//!    whatever upstream carries the marker is revoked and a new attempt begins.
+//! 3. the Secret, annotated with the attempt — crash after: the next reconcile finds
+//!    the attempt's key in the Secret and adopts it, recording what the attempt was
+//!    for.
+//! 4. status (key id, times, revision, hash; attempt cleared), guarded.
+
+mod executor;
+mod memo;
+mod watches;
+mod world;
+
+use std::{fmt::Debug, sync::Arc, time::Duration};
+
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Resource, ResourceExt,
+    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::warn;
+
+pub use crate::context::{Context, CrashPoint, Error, Faults, MANAGER, NoFaults, Result, Settings};
+pub use executor::{World, reconcile as execute};
+pub use memo::Memo;
+pub use watches::Shared;
+pub use world::KubeWorld;
+
+use crate::{
+    lifecycle::{self, IssuedFacts, KeyView, ROTATE_ANNOTATION, ShapeInput, Wake},
+    metrics::{self, KeyRef},
+    providers::{KeyShape, SecretValue},
+    resources::{
+        AuthKey, ClusterKeyProvider, DeletionPolicy, IssueAttempt, KeyDuration, KeyProvider,
+        KeyStatus, ProviderKind, ProviderRef, Rotation, SecretSpec, ServiceAccountKey,
+    },
+    secret,
+};
+
+/// Finalizer on every key resource: revoke upstream before the resource goes.
+pub const FINALIZER: &str = "keyward.dev/revoke";
+
+/// What the engine needs from a key kind; `AuthKey` and `ServiceAccountKey` share
+/// everything else.
+pub trait ManagedKey:
+    Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + Debug
+    + DeserializeOwned
+    + Serialize
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn provider_ref(&self) -> &ProviderRef;
+    fn expiry(&self) -> Option<&KeyDuration>;
+    fn rotation(&self) -> Option<&Rotation>;
+    fn secret_spec(&self) -> &SecretSpec;
+    fn deletion_policy(&self) -> DeletionPolicy;
+    fn description(&self) -> Option<&str>;
+    fn shape(&self) -> KeyShape;
+    fn key_status(&self) -> Option<&KeyStatus>;
+}
+
+/// The accessors both key kinds answer from identically named spec fields.
+macro_rules! shared_key_fields {
+    () => {
+        fn provider_ref(&self) -> &ProviderRef {
+            &self.spec.provider_ref
+        }
+        fn expiry(&self) -> Option<&KeyDuration> {
+            self.spec.expiry.as_ref()
+        }
+        fn rotation(&self) -> Option<&Rotation> {
+            self.spec.rotation.as_ref()
+        }
+        fn secret_spec(&self) -> &SecretSpec {
+            &self.spec.secret
+        }
+        fn deletion_policy(&self) -> DeletionPolicy {
+            self.spec.deletion_policy
+        }
+        fn description(&self) -> Option<&str> {
+            self.spec.description.as_deref()
+        }
+        fn key_status(&self) -> Option<&KeyStatus> {
+            self.status.as_ref()
+        }
+    };
+}
+
+impl ManagedKey for AuthKey {
+    const KIND: &'static str = "AuthKey";
+    shared_key_fields!();
+    fn shape(&self) -> KeyShape {
+        KeyShape {
+            reusable: self.spec.reusable,
+            ephemeral: self.spec.ephemeral,
+            preauthorized: self.spec.preauthorized,
+            tags: self.spec.tags.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+impl ManagedKey for ServiceAccountKey {
+    const KIND: &'static str = "ServiceAccountKey";
+    shared_key_fields!();
+    fn shape(&self) -> KeyShape {
+        KeyShape {
+            service_account: Some(self.spec.service_account.name.clone()),
+            create_service_account: self.spec.service_account.create,
+            role: self.spec.role.clone(),
+            scopes: self.spec.scopes.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+/// The Secret the spec names (default: the resource's name).
+pub fn secret_name<K: ManagedKey>(key: &K) -> String {
+    key.secret_spec()
+        .name
+        .clone()
+        .unwrap_or_else(|| key.name_any())
+}
+
+/// The key resource as the planner sees it.
+pub fn key_view<K: ManagedKey>(key: &K) -> KeyView {
+    let shape = key.shape();
+    let digest = lifecycle::shape_digest(&ShapeInput {
+        provider: key.provider_ref(),
+        shape: &shape,
+        description: key.description(),
+        expiry: key.expiry(),
+        secret: key.secret_spec(),
+    });
+    KeyView {
+        uid: key.uid().unwrap_or_default(),
+        generation: key.meta().generation,
+        deleting: key.meta().deletion_timestamp.is_some(),
+        finalized: key.finalizers().iter().any(|f| f == FINALIZER),
+        rotate_request: key.annotations().get(ROTATE_ANNOTATION).cloned(),
+        shape: digest,
+        secret_name: secret_name(key),
+        deletion_policy: key.deletion_policy(),
+        rotation: key.rotation().cloned().unwrap_or_default(),
+        key_shape: shape,
+        description: key.description().map(str::to_owned),
+        requested_lifetime: key.expiry().and_then(|d| d.to_std()),
+    }
+}
+
+/// The Secret holding the key issued for `attempt`: rendered data, the template's
+/// labels and annotations, keyward's attempt annotations, the key as its owner.
+fn secret_for<K: ManagedKey>(
+    key: &K,
+    attempt: &IssueAttempt,
+    facts: &IssuedFacts,
+    value: &SecretValue,
+) -> Result<Secret> {
+    let namespace = key.namespace().unwrap_or_default();
+    let vars = secret::Variables {
+        key: value,
+        key_id: &facts.id,
+        created_at: facts.created_at.to_string(),
+        expires_at: facts.expires_at.map(|t| t.to_string()).unwrap_or_default(),
+        revision: attempt.revision,
+        name: &key.name_any(),
+        namespace: &namespace,
+    };
+    let rendered = secret::render_all(key.secret_spec(), &vars).map_err(|e| Error::NotReady {
+        reason: "TemplateInvalid",
+        message: e.to_string(),
+    })?;
+    let owner = key
+        .controller_owner_ref(&())
+        .expect("key resources have a name and uid");
+    Ok(secret::build(
+        &attempt.secret_name,
+        &namespace,
+        owner,
+        rendered,
+        secret::attempt_annotations(attempt, facts),
+    ))
+}
+
+/// One reconcile, as kube-runtime calls it: the executor, then when to come back.
+async fn reconcile<K: ManagedKey>(key: Arc<K>, world: Arc<KubeWorld>) -> Result<Action> {
+    let key_ref = KeyRef::of(&*key);
+    let started = metrics::global().reconcile_started(&key_ref);
+    let result = executor::reconcile(&*world, &*key).await;
+    let ctx = world.ctx();
+    ctx.reconciles
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics::global().reconciled(&key_ref, started, result.is_ok());
+    if key.meta().deletion_timestamp.is_none() {
+        // The cached status; a status this reconcile wrote arrives as the next event.
+        metrics::global().key_observed(&key_ref, key.key_status());
+    }
+    let uid = key.uid().unwrap_or_default();
+    match result? {
+        Wake::Retry => Err(Error::Retry(
+            "an upstream or provider problem recorded in status".into(),
+        )),
+        Wake::Never => {
+            ctx.succeeded(&uid);
+            if key.meta().deletion_timestamp.is_some() {
+                metrics::global().key_forgotten(&key_ref);
+            }
+            metrics::global().scheduled(&key_ref, None);
+            Ok(Action::await_change())
+        }
+        Wake::At(at) => {
+            ctx.succeeded(&uid);
+            let wait = Duration::try_from(at.duration_since(world.now_real()))
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_millis(200));
+            metrics::global().scheduled(&key_ref, Some(wait));
+            Ok(Action::requeue(wait))
+        }
+    }
+}
+
+/// Exponential backoff per object: 1s, 2s, 4s … capped at 5 minutes.
+fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, world: Arc<KubeWorld>) -> Action {
+    let wait = world.ctx().failed(&key.uid().unwrap_or_default());
+    metrics::global().scheduled(&KeyRef::of(&*key), Some(wait));
+    if !matches!(error, Error::Retry(_)) {
+        warn!(kind = K::KIND, name = %key.name_any(), namespace = %key.namespace().unwrap_or_default(), error = %error, retry_in = ?wait, "reconcile failed");
+    }
+    Action::requeue(wait)
+}
+
+/// Runs the controller of one key kind in one namespace (None: all) until `shutdown`
+/// resolves.
+async fn run_kind<K: ManagedKey>(
+    world: Arc<KubeWorld>,
+    namespace: Option<String>,
+    secret_events: impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = world.ctx().client.clone();
+    let keys: Api<K> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let controller = Controller::new(keys, watcher::Config::default());
+    let store = controller.store();
+    let store_cluster = store.clone();
+    let namespaced_providers: Api<KeyProvider> = match &namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let concurrency = world.ctx().settings.concurrency;
+    controller
+        .owns_stream(secret_events)
+        .watches(
+            namespaced_providers,
+            watcher::Config::default(),
+            move |provider: KeyProvider| {
+                let ns = provider.namespace();
+                let name = provider.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|k| {
+                        k.provider_ref().kind == ProviderKind::KeyProvider
+                            && k.provider_ref().name == name
+                            && k.namespace() == ns
+                    })
+                    .map(|k| ObjectRef::from_obj(&*k))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .watches(
+            Api::<ClusterKeyProvider>::all(client),
+            watcher::Config::default(),
+            move |provider: ClusterKeyProvider| {
+                let name = provider.name_any();
+                store_cluster
+                    .state()
+                    .into_iter()
+                    .filter(|k| {
+                        k.provider_ref().kind == ProviderKind::ClusterKeyProvider
+                            && k.provider_ref().name == name
+                    })
+                    .map(|k| ObjectRef::from_obj(&*k))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile::<K>, error_policy::<K>, world)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// The watch of keyward's own Secrets (by label) in one namespace (None: all).
+async fn watch_secrets(
+    ctx: &Context,
+    namespace: Option<&str>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Shared<Secret> {
+    let api: Api<Secret> = match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let managed = watcher::Config::default().labels(&format!(
+        "{}={}",
+        secret::MANAGED_BY_LABEL,
+        secret::MANAGED_BY
+    ));
+    Shared::start(api, managed, shutdown).await
+}
+
+/// Runs both key controllers and the provider status controllers until `shutdown`
+/// resolves: once for all namespaces, or once per namespace of `settings.namespaces`
+/// (each with its own watches and `concurrency`; `ClusterKeyProvider`s are watched by
+/// each).
+pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let mut controllers = Vec::new();
+    for ns in ctx.settings.watched_namespaces() {
+        let secrets = watch_secrets(&ctx, ns.as_deref(), shutdown.clone()).await;
+        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone()));
+        controllers.push(
+            run_kind::<AuthKey>(
+                world.clone(),
+                ns.clone(),
+                secrets.subscribe(),
+                shutdown.clone(),
+            )
+            .boxed(),
+        );
+        controllers.push(
+            run_kind::<ServiceAccountKey>(world, ns, secrets.subscribe(), shutdown.clone()).boxed(),
+        );
+    }
+    futures::join!(
+        futures::future::join_all(controllers),
+        crate::provider_status::run(ctx, shutdown),
+    );
+}

@@ -1,0 +1,224 @@
+//! The executor's world in production: the API server (reads from watch caches where
+//! a cache serves, guarded writes), the providers, the clock, events and metrics.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        events::{Event, EventType},
+        reflector::{ObjectRef, Store},
+    },
+};
+use tracing::info;
+
+use super::{ManagedKey, World, memo::Memo};
+use crate::{
+    context::{self, Context, CrashPoint, MANAGER, Result},
+    lifecycle::{Note, Timing},
+    metrics::{self, KeyRef},
+    providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
+    resolve::{self, KeyRequest, Resolution},
+    resources::KeyStatus,
+};
+
+pub struct KubeWorld {
+    ctx: Arc<Context>,
+    secrets: Store<Secret>,
+    memo: Memo,
+}
+
+impl KubeWorld {
+    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>) -> Self {
+        Self {
+            ctx,
+            secrets,
+            memo: Memo::default(),
+        }
+    }
+
+    pub fn ctx(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// The wall clock (what kube-runtime's requeue timers run on).
+    pub fn now_real(&self) -> Timestamp {
+        Timestamp::now()
+    }
+
+    fn keys<K: ManagedKey>(&self, key: &K) -> Api<K> {
+        Api::namespaced(
+            self.ctx.client.clone(),
+            &key.namespace().unwrap_or_default(),
+        )
+    }
+
+    fn secrets<K: ManagedKey>(&self, key: &K) -> Api<Secret> {
+        Api::namespaced(
+            self.ctx.client.clone(),
+            &key.namespace().unwrap_or_default(),
+        )
+    }
+}
+
+#[async_trait]
+impl<K: ManagedKey> World<K> for KubeWorld {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+
+    fn attempt_id(&self) -> String {
+        let mut buf = [0u8; 4];
+        getrandom::fill(&mut buf).expect("operating system RNG");
+        buf.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn timing(&self) -> Timing {
+        self.ctx.settings.timing
+    }
+
+    fn memo(&self) -> &Memo {
+        &self.memo
+    }
+
+    fn cached_secret(&self, key: &K, name: &str) -> Option<Arc<Secret>> {
+        let namespace = key.namespace().unwrap_or_default();
+        self.secrets.get(&ObjectRef::new(name).within(&namespace))
+    }
+
+    async fn read_key(&self, key: &K) -> Result<Option<K>> {
+        self.ctx.alive()?;
+        Ok(self.keys(key).get_opt(&key.name_any()).await?)
+    }
+
+    async fn read_secret(&self, key: &K, name: &str) -> Result<Option<Secret>> {
+        self.ctx.alive()?;
+        Ok(self.secrets(key).get_opt(name).await?)
+    }
+
+    async fn write_status(&self, key: &K, status: &KeyStatus) -> Result<K> {
+        self.ctx.alive()?;
+        context::write_status(&self.keys(key), key, status, true).await
+    }
+
+    async fn set_finalizers(&self, key: &K, finalizers: Vec<String>) -> Result<Option<K>> {
+        self.ctx.alive()?;
+        context::set_finalizers(&self.keys(key), key, finalizers).await
+    }
+
+    async fn apply_secret(
+        &self,
+        key: &K,
+        secret: &Secret,
+        expected: Option<&str>,
+    ) -> Result<Secret> {
+        self.ctx.alive()?;
+        let mut secret = secret.clone();
+        secret.metadata.resource_version = expected.map(str::to_owned);
+        Ok(self
+            .secrets(key)
+            .patch(
+                &secret.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?)
+    }
+
+    async fn delete_secret(&self, key: &K, name: &str, uid: &str) -> Result<()> {
+        self.ctx.alive()?;
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_owned()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match self.secrets(key).delete(name, &params).await {
+            Ok(_) => Ok(()),
+            // Gone already, or replaced by someone else's Secret of that name.
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn resolve(&self, key: &K) -> Result<Resolution> {
+        self.ctx.alive()?;
+        let namespace = key.namespace().unwrap_or_default();
+        let shape = key.shape();
+        resolve::resolve(
+            &self.ctx,
+            &KeyRequest {
+                namespace: &namespace,
+                reference: key.provider_ref(),
+                shape: &shape,
+                lifetime: key.expiry().and_then(|d| d.to_std()),
+                metrics: &KeyRef::of(key),
+            },
+        )
+        .await
+    }
+
+    async fn issue(
+        &self,
+        api: &dyn KeyApi,
+        request: &IssueRequest,
+    ) -> Result<IssuedKey, ProviderError> {
+        let deadline = self.ctx.settings.timing.issue_deadline;
+        match tokio::time::timeout(deadline, api.issue(request)).await {
+            Ok(issued) => issued,
+            Err(_) => Err(ProviderError::Unavailable(format!(
+                "no answer within the issue deadline of {}s; the create may still land, and is recovered by its marker",
+                deadline.as_secs()
+            ))),
+        }
+    }
+
+    fn crash_at(&self, point: CrashPoint) -> Result<()> {
+        self.ctx.crash_at(point)
+    }
+
+    async fn publish(&self, key: &K, note: &Note) {
+        let key_ref = KeyRef::of(key);
+        match note {
+            Note::Issued {
+                trigger, key_id, ..
+            } => {
+                info!(kind = K::KIND, namespace = %key.namespace().unwrap_or_default(), name = %key.name_any(), key_id = %key_id, reason = trigger.reason(), "issued");
+                metrics::global().rotated(&key_ref, trigger.reason());
+            }
+            Note::Revoked { key_id, .. } | Note::RevokedOrphan { key_id, .. } => {
+                info!(kind = K::KIND, namespace = %key.namespace().unwrap_or_default(), name = %key.name_any(), key_id = %key_id, "revoked");
+                metrics::global().revoked(&key_ref);
+            }
+            Note::KeyInvalid { key_id, state } => {
+                info!(kind = K::KIND, name = %key.name_any(), key_id = %key_id, state = %state, "upstream reports the key as no longer usable");
+            }
+            Note::Failed { operation, .. } => metrics::global().failed(&key_ref, operation),
+        }
+        let (warning, reason, message) = note.event();
+        let event = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.clone(),
+            note: Some(message),
+            action: reason,
+            secondary: None,
+        };
+        if let Err(e) = self
+            .ctx
+            .recorder
+            .publish(&event, &key.object_ref(&()))
+            .await
+        {
+            tracing::warn!(error = %e, "could not publish event");
+        }
+    }
+}
