@@ -28,7 +28,7 @@ enum Command {
         out_dir: Option<PathBuf>,
     },
     /// Run the operator: the controllers for AuthKey and ServiceAccountKey.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Try keyward on this machine: a local control plane, the builtin provider, the
     /// controller and the quickstart keys; runs until Ctrl-C.
     Dev {
@@ -145,7 +145,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     match cli.command {
-        Command::Run(args) => run(args).await?,
+        Command::Run(args) => run(*args).await?,
         Command::Crds { out_dir: None } => print!("{}", keyward::crds::all_yaml()),
         Command::Crds { out_dir: Some(dir) } => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
