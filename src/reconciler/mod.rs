@@ -204,7 +204,9 @@ async fn reconcile<K: ManagedKey>(key: Arc<K>, world: Arc<KubeWorld>) -> Result<
     let ctx = world.ctx();
     ctx.reconciles
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    metrics::global().reconciled(&key_ref, started, result.is_ok());
+    // A plan that ends in "retry" failed as far as anyone watching is concerned.
+    let ok = matches!(result, Ok(Wake::At(_) | Wake::Never));
+    metrics::global().reconciled(&key_ref, started, ok);
     if key.meta().deletion_timestamp.is_none() {
         // The cached status; a status this reconcile wrote arrives as the next event.
         metrics::global().key_observed(&key_ref, key.key_status());
