@@ -203,10 +203,12 @@ impl Harness {
         .await
     }
 
+    /// Waits until the key is not Ready for a reason other than its first key being
+    /// on its way (`Initial`, while the first issuance is in flight).
     async fn not_ready(&self, name: &str) -> (String, String) {
         let status = self
             .status_where(name, "Ready=False", |s| {
-                condition(s, "Ready").is_some_and(|c| c.0 == "False")
+                condition(s, "Ready").is_some_and(|c| c.0 == "False" && c.1 != "Initial")
             })
             .await;
         let (_, reason, message) = condition(&status, "Ready").unwrap();

@@ -111,13 +111,16 @@ impl Memo {
         let Some((written, object)) = secrets.get(&id) else {
             return cached;
         };
-        let cache = cached.as_ref().and_then(|s| version(s.resource_version()));
+        // Not in the cache: deleted since keyward wrote it, or not seen yet. Taken as
+        // absent; a trigger read off an absent Secret is confirmed by a fresh read
+        // before anything is issued.
+        let cache = version(cached.as_ref()?.resource_version());
         match cache {
-            Some(cache) if cache >= *written => {
+            Some(cache) if cache < *written => Some(object.clone()),
+            _ => {
                 secrets.remove(&id);
                 cached
             }
-            _ => Some(object.clone()),
         }
     }
 
@@ -198,5 +201,23 @@ mod tests {
             memo.freshest(&key("11", 1)).status.unwrap().revision,
             Some(1)
         );
+    }
+
+    #[test]
+    fn a_secret_the_cache_does_not_hold_is_absent_whatever_was_written() {
+        let memo = Memo::default();
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("s".into());
+        secret.metadata.namespace = Some("ns".into());
+        secret.metadata.resource_version = Some("7".into());
+        memo.wrote_secret(&secret);
+        assert!(
+            memo.secret("ns", "s", None).is_none(),
+            "deleted since, or not seen yet"
+        );
+        let mut older = secret.clone();
+        older.metadata.resource_version = Some("5".into());
+        let seen = memo.secret("ns", "s", Some(Arc::new(older))).unwrap();
+        assert_eq!(seen.metadata.resource_version.as_deref(), Some("7"));
     }
 }

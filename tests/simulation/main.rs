@@ -56,7 +56,13 @@ pub const NAMESPACE: &str = "sim";
 
 /// Seeds that found a bug while the simulation was being written; each names what it
 /// found. They run before the search in every run.
-const REGRESSIONS: &[(u64, &str)] = &[];
+const REGRESSIONS: &[(u64, &str)] = &[
+    (
+        3381,
+        "a Secret deleted before the cache saw keyward's own write of it was taken as present",
+    ),
+    (5034, "the same, on another schedule"),
+];
 
 /// A watch cache of one operator incarnation.
 #[derive(Default)]
@@ -1218,7 +1224,31 @@ fn run(seed: u64, verbose: bool) {
             s.check_end();
             return;
         }
-        assert!(s.steps < LIMIT, "did not settle within {LIMIT} steps");
+        if s.steps >= LIMIT {
+            let sim = s.lock();
+            let unsettled: Vec<String> = sim
+                .api
+                .keys
+                .values()
+                .filter(|k| !is_settled(&sim, k))
+                .map(|k| {
+                    let s = k.status.clone().unwrap_or_default();
+                    let secret = s.secret_name.as_ref().and_then(|n| sim.api.secrets.get(n));
+                    format!(
+                        "{} {:?}: {:?}; Secret hash {:?}; key {:?}",
+                        k.name_any(),
+                        k.spec,
+                        k.status,
+                        secret.map(keyward::secret::secret_hash),
+                        s.key_id
+                            .as_ref()
+                            .and_then(|id| sim.upstream.keys.get(id))
+                            .map(|u| (u.revoked, u.revoked_out_of_band))
+                    )
+                })
+                .collect();
+            panic!("did not settle within {LIMIT} steps: {unsettled:?}");
+        }
         if !s.step(true) && !s.settled() {
             let sim = s.lock();
             let unsettled: Vec<String> = sim
@@ -1247,33 +1277,21 @@ fn run_reporting(seed: u64, verbose: bool) -> std::result::Result<(), String> {
     })
 }
 
-#[test]
-fn seeded_schedules_keep_every_invariant() {
-    if let Ok(seed) = std::env::var("KEYWARD_SIM_SEED") {
-        let seed: u64 = seed.parse().expect("KEYWARD_SIM_SEED is a number");
-        if let Err(e) = run_reporting(seed, true) {
-            panic!("{e}");
-        }
-        return;
-    }
-    let schedules: u64 = std::env::var("KEYWARD_SIM_SCHEDULES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
-    let first: u64 = std::env::var("KEYWARD_SIM_FIRST")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+/// Runs `count` schedules from `first` (and the regression seeds when asked);
+/// panics with every failing seed's replay command.
+fn search(first: u64, count: u64, regressions: bool) {
     let started = std::time::Instant::now();
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
     let mut failures = Vec::new();
-    for (seed, what) in REGRESSIONS {
-        if let Err(e) = run_reporting(*seed, false) {
-            failures.push(format!("regression ({what}): {e}"));
+    if regressions {
+        for (seed, what) in REGRESSIONS {
+            if let Err(e) = run_reporting(*seed, false) {
+                failures.push(format!("regression ({what}): {e}"));
+            }
         }
     }
-    for seed in first..first + schedules {
+    for seed in first..first + count {
         if let Err(e) = run_reporting(seed, false) {
             failures.push(e);
             if failures.len() >= 5 {
@@ -1283,10 +1301,53 @@ fn seeded_schedules_keep_every_invariant() {
     }
     std::panic::set_hook(hook);
     println!(
-        "{} schedules (+{} regression seeds) in {:.1}s",
-        schedules,
-        REGRESSIONS.len(),
+        "seeds {first}..{}: {count} schedules in {:.1}s",
+        first + count,
         started.elapsed().as_secs_f64()
     );
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
+        .unwrap_or(default)
+}
+
+/// `KEYWARD_SIM_SEED`: replay that one schedule with its trace.
+#[test]
+fn replay() {
+    if let Ok(seed) = std::env::var("KEYWARD_SIM_SEED") {
+        let seed: u64 = seed.parse().expect("KEYWARD_SIM_SEED is a number");
+        if let Err(e) = run_reporting(seed, true) {
+            panic!("{e}");
+        }
+    }
+}
+
+/// The search, in two halves that run on two threads:
+/// `KEYWARD_SIM_SCHEDULES` (default 10,000) from `KEYWARD_SIM_FIRST` (default 0).
+#[test]
+fn seeded_schedules_keep_every_invariant_first_half() {
+    if std::env::var("KEYWARD_SIM_SEED").is_ok() {
+        return;
+    }
+    let (first, count) = (
+        env("KEYWARD_SIM_FIRST", 0),
+        env("KEYWARD_SIM_SCHEDULES", 10_000),
+    );
+    search(first, count / 2, true);
+}
+
+#[test]
+fn seeded_schedules_keep_every_invariant_second_half() {
+    if std::env::var("KEYWARD_SIM_SEED").is_ok() {
+        return;
+    }
+    let (first, count) = (
+        env("KEYWARD_SIM_FIRST", 0),
+        env("KEYWARD_SIM_SCHEDULES", 10_000),
+    );
+    search(first + count / 2, count - count / 2, false);
 }
