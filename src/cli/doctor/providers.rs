@@ -40,7 +40,7 @@ pub fn provider_fix(reason: &str, kind: ProviderKind) -> String {
             "fix the provider field the message names (`kubectl explain keyprovider.spec`)".into()
         }
         "ProviderNotFound" => "create the provider, or point the keys' spec.providerRef at one that exists".into(),
-        other => format!("see docs/troubleshooting.md#{}", other.to_ascii_lowercase()),
+        other => format!("see {other} in docs/troubleshooting.md"),
     }
 }
 
