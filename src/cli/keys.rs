@@ -2,15 +2,20 @@
 //! `AuthKey` and a `ServiceAccountKey` alike.
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams},
     runtime::{WatchStreamExt, watcher},
 };
 use serde::Serialize;
+use serde_json::Value;
 
 use super::Error;
-use crate::resources::{AuthKey, KeyStatus, ProviderKind, ProviderRef, ServiceAccountKey};
+use crate::{
+    reconciler::ManagedKey,
+    resources::{AuthKey, KeyStatus, ProviderRef, ServiceAccountKey},
+};
 
 /// Which of the two key kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -64,22 +69,21 @@ pub struct Key {
 }
 
 impl Key {
-    fn new<K: kube::Resource>(
-        kind: KeyKind,
-        object: &K,
-        provider: &ProviderRef,
-        status: Option<&KeyStatus>,
-        secret: Option<&str>,
-    ) -> Self {
+    /// The key of either kind, as the verbs see it.
+    pub fn of<K: ManagedKey>(object: &K) -> Self {
         let meta = object.meta();
         let name = meta.name.clone().unwrap_or_default();
         Self {
-            kind,
+            kind: KeyKind::from_type(K::KIND).expect("a key kind"),
             namespace: meta.namespace.clone().unwrap_or_default(),
-            secret: secret.map_or_else(|| name.clone(), str::to_owned),
+            secret: object
+                .secret_spec()
+                .name
+                .clone()
+                .unwrap_or_else(|| name.clone()),
             name,
-            provider: provider.clone(),
-            status: status.cloned().unwrap_or_default(),
+            provider: object.provider_ref().clone(),
+            status: object.key_status().cloned().unwrap_or_default(),
             generation: meta.generation,
             uid: meta.uid.clone().unwrap_or_default(),
             rotate_annotation: meta
@@ -96,51 +100,12 @@ impl Key {
         format!("{}/{}", self.kind.as_str().to_ascii_lowercase(), self.name)
     }
 
-    /// `KeyProvider/name` or `ClusterKeyProvider/name`.
-    pub fn provider_display(&self) -> String {
-        let kind = match self.provider.kind {
-            ProviderKind::KeyProvider => "KeyProvider",
-            ProviderKind::ClusterKeyProvider => "ClusterKeyProvider",
-        };
-        format!("{kind}/{}", self.provider.name)
-    }
-
-    pub fn condition(
-        &self,
-        type_: &str,
-    ) -> Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status.conditions.iter().find(|c| c.type_ == type_)
     }
 }
 
-impl From<&AuthKey> for Key {
-    fn from(k: &AuthKey) -> Self {
-        Key::new(
-            KeyKind::AuthKey,
-            k,
-            &k.spec.provider_ref,
-            k.status.as_ref(),
-            k.spec.secret.name.as_deref(),
-        )
-    }
-}
-
-impl From<&ServiceAccountKey> for Key {
-    fn from(k: &ServiceAccountKey) -> Self {
-        Key::new(
-            KeyKind::ServiceAccountKey,
-            k,
-            &k.spec.provider_ref,
-            k.status.as_ref(),
-            k.spec.secret.name.as_deref(),
-        )
-    }
-}
-
-fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: kube::Resource<Scope = kube::core::NamespaceResourceScope, DynamicType = ()>,
-{
+fn api<K: ManagedKey>(client: &Client, namespace: Option<&str>) -> Api<K> {
     match namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -154,6 +119,21 @@ fn where_(namespace: Option<&str>) -> String {
     )
 }
 
+async fn list_kind<K: ManagedKey>(
+    client: &Client,
+    namespace: Option<&str>,
+    params: &ListParams,
+) -> Result<Vec<Key>, Error> {
+    let list = api::<K>(client, namespace)
+        .list(params)
+        .await
+        .map_err(|source| Error::Kube {
+            what: format!("listing {}s in {}", K::KIND, where_(namespace)),
+            source,
+        })?;
+    Ok(list.items.iter().map(Key::of).collect())
+}
+
 /// Every key of both kinds in `namespace` (`None`: all namespaces) matching the label
 /// `selector`, ordered by namespace, kind and name.
 pub async fn list(
@@ -165,28 +145,25 @@ pub async fn list(
         Some(s) => ListParams::default().labels(s),
         None => ListParams::default(),
     };
-    let context = |kind: KeyKind| {
-        move |source| Error::Kube {
-            what: format!("listing {kind}s in {}", where_(namespace)),
-            source,
-        }
-    };
-    let auth = api::<AuthKey>(client, namespace)
-        .list(&params)
-        .await
-        .map_err(context(KeyKind::AuthKey))?;
-    let service = api::<ServiceAccountKey>(client, namespace)
-        .list(&params)
-        .await
-        .map_err(context(KeyKind::ServiceAccountKey))?;
-    let mut keys: Vec<Key> = auth
-        .items
-        .iter()
-        .map(Key::from)
-        .chain(service.items.iter().map(Key::from))
-        .collect();
+    let mut keys = list_kind::<AuthKey>(client, namespace, &params).await?;
+    keys.extend(list_kind::<ServiceAccountKey>(client, namespace, &params).await?);
     keys.sort_by(|a, b| (&a.namespace, a.kind, &a.name).cmp(&(&b.namespace, b.kind, &b.name)));
     Ok(keys)
+}
+
+async fn get_kind<K: ManagedKey>(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Option<Key>, Error> {
+    let found = api::<K>(client, Some(namespace))
+        .get_opt(name)
+        .await
+        .map_err(|source| Error::Kube {
+            what: format!("reading {} {namespace}/{name}", K::KIND),
+            source,
+        })?;
+    Ok(found.as_ref().map(Key::of))
 }
 
 /// The key a command-line word names: `NAME` (either kind; refused when both kinds
@@ -205,23 +182,12 @@ pub async fn get(client: &Client, namespace: &str, word: &str) -> Result<Key, Er
     };
     let mut found = Vec::new();
     for kind in kinds {
-        let context = |source| Error::Kube {
-            what: format!("reading {kind} {namespace}/{name}"),
-            source,
-        };
-        let key = match kind {
-            KeyKind::AuthKey => api::<AuthKey>(client, Some(namespace))
-                .get_opt(name)
-                .await
-                .map_err(context)?
-                .map(|k| Key::from(&k)),
-            KeyKind::ServiceAccountKey => api::<ServiceAccountKey>(client, Some(namespace))
-                .get_opt(name)
-                .await
-                .map_err(context)?
-                .map(|k| Key::from(&k)),
-        };
-        found.extend(key);
+        found.extend(match kind {
+            KeyKind::AuthKey => get_kind::<AuthKey>(client, namespace, name).await?,
+            KeyKind::ServiceAccountKey => {
+                get_kind::<ServiceAccountKey>(client, namespace, name).await?
+            }
+        });
     }
     match found.len() {
         0 => Err(Error::Usage(format!(
@@ -234,22 +200,25 @@ pub async fn get(client: &Client, namespace: &str, word: &str) -> Result<Key, Er
     }
 }
 
+async fn patch_kind<K: ManagedKey>(
+    client: &Client,
+    key: &Key,
+    patch: &Patch<Value>,
+) -> Result<(), kube::Error> {
+    api::<K>(client, Some(&key.namespace))
+        .patch(&key.name, &PatchParams::default(), patch)
+        .await
+        .map(drop)
+}
+
 /// Sets `keyward.dev/rotate` on a key (a merge patch of that one annotation).
 pub async fn annotate_rotate(client: &Client, key: &Key, value: &str) -> Result<(), Error> {
     let patch = Patch::Merge(serde_json::json!({
         "metadata": {"annotations": {crate::lifecycle::ROTATE_ANNOTATION: value}}
     }));
-    let params = PatchParams::default();
-    let ns = Some(key.namespace.as_str());
     let result = match key.kind {
-        KeyKind::AuthKey => api::<AuthKey>(client, ns)
-            .patch(&key.name, &params, &patch)
-            .await
-            .map(drop),
-        KeyKind::ServiceAccountKey => api::<ServiceAccountKey>(client, ns)
-            .patch(&key.name, &params, &patch)
-            .await
-            .map(drop),
+        KeyKind::AuthKey => patch_kind::<AuthKey>(client, key, &patch).await,
+        KeyKind::ServiceAccountKey => patch_kind::<ServiceAccountKey>(client, key, &patch).await,
     };
     result.map_err(|source| Error::Kube {
         what: format!(
@@ -261,22 +230,23 @@ pub async fn annotate_rotate(client: &Client, key: &Key, value: &str) -> Result<
     })
 }
 
+fn watch_kind<K: ManagedKey>(
+    client: &Client,
+    namespace: Option<&str>,
+) -> impl Stream<Item = Result<Key, watcher::Error>> + Send + use<K> {
+    watcher(api::<K>(client, namespace), watcher::Config::default())
+        .applied_objects()
+        .map(|k| k.map(|k| Key::of(&k)))
+}
+
 /// Every change to keys of both kinds in `namespace` (`None`: all), starting with
 /// their current state.
 pub fn watch(
     client: &Client,
     namespace: Option<&str>,
-    selector: Option<&str>,
 ) -> impl Stream<Item = Result<Key, watcher::Error>> + Send + use<> {
-    let config = match selector {
-        Some(s) => watcher::Config::default().labels(s),
-        None => watcher::Config::default(),
-    };
-    let auth = watcher(api::<AuthKey>(client, namespace), config.clone())
-        .applied_objects()
-        .map(|k| k.map(|k| Key::from(&k)));
-    let service = watcher(api::<ServiceAccountKey>(client, namespace), config)
-        .applied_objects()
-        .map(|k| k.map(|k| Key::from(&k)));
-    futures::stream::select(auth.boxed(), service.boxed())
+    futures::stream::select(
+        watch_kind::<AuthKey>(client, namespace).boxed(),
+        watch_kind::<ServiceAccountKey>(client, namespace).boxed(),
+    )
 }

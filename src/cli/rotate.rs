@@ -99,6 +99,17 @@ pub fn progress(key: &Key, before: Option<i64>) -> Progress {
     Progress::Waiting
 }
 
+/// How a key's rotation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Outcome {
+    /// Asked for, not waited on (`--no-wait`).
+    Requested,
+    /// Ready with its new key.
+    Rotated,
+    /// Not rotated within `--timeout`.
+    TimedOut,
+}
+
 /// The outcome for one key, as `-o json|yaml` reports it.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -110,8 +121,7 @@ pub struct Rotation {
     pub requested: String,
     pub previous_revision: Option<i64>,
     pub revision: Option<i64>,
-    /// `Rotated`, `Requested` (with --no-wait) or `TimedOut`.
-    pub result: &'static str,
+    pub result: Outcome,
     /// What the key was waiting on when the wait timed out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub blocked_by: Option<String>,
@@ -122,39 +132,29 @@ struct Rotations<'a> {
     keys: &'a [Rotation],
 }
 
-/// Progress lines go to stdout for people, to stderr when stdout is a document.
-struct Display {
+/// Where progress goes: stdout for people, stderr when stdout carries a document. On
+/// a terminal a "waiting" line is redrawn in place between the progress lines.
+struct ProgressOutput {
     to_stderr: bool,
     live: bool,
     started: Instant,
 }
 
-impl Display {
+impl ProgressOutput {
     fn line(&self, text: &str) {
-        let text = if self.live {
-            format!("\r\x1b[K{text}")
-        } else {
-            text.to_owned()
-        };
+        // On a terminal, overwrite the waiting line.
+        let clear = if self.live { "\r\x1b[K" } else { "" };
         if self.to_stderr {
-            eprintln!("{text}");
+            eprintln!("{clear}{text}");
         } else {
-            println!("{text}");
+            println!("{clear}{text}");
         }
     }
 
-    /// The live "waiting" line, redrawn in place on a terminal.
     fn waiting(&self, left: usize, total: usize) {
-        if !self.live {
-            return;
-        }
-        let secs = self.started.elapsed().as_secs();
-        let text = format!("\r\x1b[Kwaiting for {left} of {total} keys… {secs}s");
-        if self.to_stderr {
-            eprint!("{text}");
-            let _ = std::io::stderr().flush();
-        } else {
-            print!("{text}");
+        if self.live {
+            let secs = self.started.elapsed().as_secs();
+            print!("\r\x1b[Kwaiting for {left} of {total} keys… {secs}s");
             let _ = std::io::stdout().flush();
         }
     }
@@ -196,15 +196,16 @@ async fn targets(
 pub async fn run(args: RotateArgs) -> Result<bool, Error> {
     let (client, namespace) = args.connection.connect().await?;
     let format = args.connection.output;
-    let display = Display {
+    let display = ProgressOutput {
         to_stderr: format != Format::Text,
         live: std::io::stdout().is_terminal() && format == Format::Text,
         started: Instant::now(),
     };
     let keys = targets(&args, &client, namespace.as_deref()).await?;
+    // Unique, and readable in `kubectl describe`: when it was asked, and a nonce.
     let requested = format!(
         "{}/{}",
-        Timestamp::from_second(Timestamp::now().as_second()).unwrap_or_else(|_| Timestamp::now()),
+        Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ"),
         crate::lifecycle::attempt_id()
     );
 
@@ -232,7 +233,7 @@ pub async fn run(args: RotateArgs) -> Result<bool, Error> {
                 requested: requested.clone(),
                 previous_revision: key.status.revision,
                 revision: key.status.revision,
-                result: "Requested",
+                result: Outcome::Requested,
                 blocked_by: None,
             },
         );
@@ -267,7 +268,11 @@ fn summary(rotations: &[Rotation]) -> String {
             format!("{n} keys")
         }
     };
-    let (rotated, requested, late) = (count("Rotated"), count("Requested"), count("TimedOut"));
+    let (rotated, requested, late) = (
+        count(Outcome::Rotated),
+        count(Outcome::Requested),
+        count(Outcome::TimedOut),
+    );
     if late > 0 {
         format!(
             "{} not rotated in time, {} rotated",
@@ -290,19 +295,20 @@ async fn wait(
     namespace: Option<&str>,
     rotations: &mut BTreeMap<Id, Rotation>,
     timeout: Duration,
-    display: &Display,
+    display: &ProgressOutput,
 ) -> bool {
     let total = rotations.len();
     let mut last: BTreeMap<Id, Progress> = BTreeMap::new();
-    let mut stream = keys::watch(client, namespace, None)
-        .default_backoff()
-        .boxed();
+    let mut stream = keys::watch(client, namespace).default_backoff().boxed();
     let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut watch_error: Option<String> = None;
     loop {
-        let left = rotations.values().filter(|r| r.result != "Rotated").count();
+        let left = rotations
+            .values()
+            .filter(|r| r.result != Outcome::Rotated)
+            .count();
         if left == 0 {
             return true;
         }
@@ -320,7 +326,7 @@ async fn wait(
                 }
                 Some(Ok(key)) => {
                     let Some(rotation) = rotations.get_mut(&id(&key)) else { continue };
-                    if rotation.result == "Rotated" {
+                    if rotation.result == Outcome::Rotated {
                         continue;
                     }
                     let now = progress(&key, rotation.previous_revision);
@@ -330,7 +336,7 @@ async fn wait(
                         display.line(&format!("{}: {} ({secs:.1}s)", key.reference(), now.describe()));
                     }
                     if let Progress::Rotated { .. } = now {
-                        rotation.result = "Rotated";
+                        rotation.result = Outcome::Rotated;
                     }
                     last.insert(id(&key), now);
                 }
@@ -338,10 +344,10 @@ async fn wait(
         }
     }
     for (id, rotation) in rotations.iter_mut() {
-        if rotation.result == "Rotated" {
+        if rotation.result == Outcome::Rotated {
             continue;
         }
-        rotation.result = "TimedOut";
+        rotation.result = Outcome::TimedOut;
         let why = match last.get(id) {
             Some(p @ (Progress::Blocked(_) | Progress::Issuing { .. })) => p.describe(),
             _ => "keyward never acted on the request: is the operator running? (kubectl keyward doctor)".into(),

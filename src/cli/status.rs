@@ -28,7 +28,7 @@ pub struct StatusArgs {
     /// events in full. Without it: a table of every key.
     pub name: Option<String>,
     /// Only keys whose labels match this selector (`team=edge`).
-    #[arg(short = 'l', long)]
+    #[arg(short = 'l', long, conflicts_with = "name")]
     pub selector: Option<String>,
     #[command(flatten)]
     pub connection: Connection,
