@@ -15,7 +15,9 @@ pub enum Format {
     /// Tables and text for people.
     #[default]
     Text,
+    /// One JSON document.
     Json,
+    /// One YAML document.
     Yaml,
 }
 
