@@ -1,7 +1,8 @@
 //! The CRDs, generated from the Rust types in [`crate::resources`].
 //!
 //! `keyward crds` prints them and `crds/` holds them checked in, one file per CRD;
-//! a test fails when the two drift apart.
+//! a test fails when the two drift apart. How to upgrade them in a cluster:
+//! docs/operating.md.
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -10,12 +11,63 @@ use crate::resources::{AuthKey, ClusterKeyProvider, KeyProvider, ServiceAccountK
 
 /// Every keyward CRD, in a stable order.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![
+    [
         AuthKey::crd(),
         ServiceAccountKey::crd(),
         KeyProvider::crd(),
         ClusterKeyProvider::crd(),
     ]
+    .into_iter()
+    .map(unwrapped)
+    .collect()
+}
+
+/// The CRD with every field description unwrapped. Doc comments are wrapped at the
+/// source's line width and schemars keeps those line breaks, so `kubectl explain`
+/// would print them as ragged lines; it wraps text itself.
+fn unwrapped(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let mut value = serde_json::to_value(&crd).expect("a CRD always serializes");
+    if let Some(versions) = value["spec"]["versions"].as_array_mut() {
+        for version in versions {
+            join_descriptions(&mut version["schema"]["openAPIV3Schema"]);
+        }
+    }
+    serde_json::from_value(value).expect("unwrapping descriptions keeps a valid CRD")
+}
+
+fn join_descriptions(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    match schema {
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                match (key.as_str(), value) {
+                    ("description", Value::String(text)) => *text = join_wrapped_lines(text),
+                    // Values, not schemas: a `description` in them is data.
+                    ("default" | "enum" | "example", _) => {}
+                    (_, value) => join_descriptions(value),
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(join_descriptions),
+        _ => {}
+    }
+}
+
+/// Joins the lines of each paragraph with a space; paragraphs (separated by a blank
+/// line) stay apart.
+pub fn join_wrapped_lines(text: &str) -> String {
+    text.split("\n\n")
+        .map(|paragraph| {
+            paragraph
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n")
 }
 
 /// The file under `crds/` that holds a CRD: `<plural>.<group>.yaml`.
@@ -69,4 +121,33 @@ pub async fn apply(client: kube::Client) -> Result<(), ApplyError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrapped_lines_join_and_paragraphs_stay() {
+        assert_eq!(
+            join_wrapped_lines(
+                "How long the previous key stays valid after the Secret switches,\nso that workloads pick it up. Default: 5m."
+            ),
+            "How long the previous key stays valid after the Secret switches, so that workloads pick it up. Default: 5m."
+        );
+        assert_eq!(
+            join_wrapped_lines("One\nparagraph.\n\nAnother\none."),
+            "One paragraph.\n\nAnother one."
+        );
+        assert_eq!(join_wrapped_lines("Single line."), "Single line.");
+    }
+
+    #[test]
+    fn a_field_named_description_keeps_its_schema() {
+        let crd = all().remove(0);
+        let schema = serde_json::to_value(&crd.spec.versions[0].schema).unwrap();
+        let field = &schema["openAPIV3Schema"]["properties"]["spec"]["properties"]["description"];
+        assert_eq!(field["type"], "string", "{field}");
+        assert!(field["description"].as_str().unwrap().contains("marker"));
+    }
 }

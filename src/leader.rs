@@ -16,6 +16,7 @@
 //!
 //! Expiry compares the holder's `renewTime` with this process's clock, so node clocks
 //! must agree to within `lease_duration - renew_deadline` (NTP does far better).
+//! Operating it (flags, measured takeover times): docs/operating.md.
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 //! The library holds everything the `keyward` binary does, so integration tests and
 //! `keyward dev` drive the same code as production.
 
+pub mod cli;
 pub mod context;
 pub mod control_plane;
 pub mod crds;

@@ -44,6 +44,10 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    // `status`, `rotate` and `doctor`: the verbs of the kubectl plugin
+    // (`kubectl keyward`).
+    #[command(flatten)]
+    Plugin(keyward::cli::Verb),
 }
 
 /// `keyward run`: every flag is also an environment variable `KEYWARD_<FLAG>`.
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::LocalCluster { dir } => local_cluster(dir).await?,
         Command::Dev { once } => dev::run(once).await?,
+        Command::Plugin(verb) => std::process::exit(keyward::cli::run(verb).await.into()),
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! namespace and name of a key resource, provider *type*, fixed reason and operation
 //! names, HTTP status codes) and never carry error text or key material.
 //!
-//! The README lists every series with its meaning.
+//! Every series with its meaning, and the alerts worth having: docs/operating.md.
 
 use std::{
     collections::HashMap,
@@ -138,7 +138,7 @@ pub fn global() -> &'static Metrics {
     &GLOBAL
 }
 
-/// The help text of `keyward_queue_depth`, also quoted in the README.
+/// The help text of `keyward_queue_depth`, explained in docs/operating.md.
 pub const QUEUE_DEPTH_HELP: &str = "Approximate work queue of the controller: reconciles running now plus keys whose requested requeue (renewal, end of an overlap, expiry or error retry) is already due but has not started. Watch events still waiting inside the controller runtime are not visible and not counted.";
 
 impl Metrics {

@@ -218,6 +218,168 @@ fn the_values_schema_refuses_wrong_values_with_the_path() {
 }
 
 #[test]
+fn replicas_are_kept_on_different_nodes_unless_told_otherwise() {
+    let pod_spec = |extra: &[&str]| {
+        let objects = render("kw", "keyward-system", extra);
+        let deployment = find(&objects, "Deployment", "kw-keyward");
+        (
+            deployment["spec"]["template"]["spec"].clone(),
+            deployment["spec"]["selector"]["matchLabels"].clone(),
+        )
+    };
+    // Default: preferred, so a one-node cluster still runs both replicas.
+    let (pod, selector) = pod_spec(&[]);
+    let term =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(term["weight"], 100);
+    assert_eq!(
+        term["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        term["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        selector
+    );
+
+    let (pod, selector) = pod_spec(&["--set", "podAntiAffinity=hard"]);
+    let term =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(term["labelSelector"]["matchLabels"], selector);
+
+    let (pod, _) = pod_spec(&["--set", "podAntiAffinity=none"]);
+    assert!(pod["affinity"].is_null(), "{}", pod["affinity"]);
+
+    // The user's affinity replaces the default.
+    let own = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "pool", "operator": "In", "values": ["ops"]}]}]}}});
+    let (pod, _) = pod_spec(&["--set-json", &format!("affinity={own}")]);
+    assert_eq!(pod["affinity"], own);
+
+    let out = helm(&["template", "kw", CHART, "--set", "podAntiAffinity=always"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at '/podAntiAffinity'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_digest_pins_the_image() {
+    let digest = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let objects = render(
+        "kw",
+        "keyward-system",
+        &[
+            "--set",
+            &format!("image.digest={digest}"),
+            "--set",
+            "image.tag=ignored",
+        ],
+    );
+    let deployment = find(&objects, "Deployment", "kw-keyward");
+    assert_eq!(
+        container(deployment)["image"],
+        format!("ghcr.io/keyward/keyward@{digest}")
+    );
+    let out = helm(&["template", "kw", CHART, "--set", "image.digest=latest"]);
+    assert!(
+        !out.status.success(),
+        "a digest that is not sha256:<64 hex> was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("at '/image/digest'"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The NetworkPolicy: absent by default; enabled, exactly metrics in and the API
+/// server, DNS and the provider APIs out — and accepted by the real API server.
+#[tokio::test]
+async fn the_network_policy_renders_only_when_enabled() {
+    let objects = render("kw", "keyward-system", &[]);
+    assert!(!objects.iter().any(|o| o["kind"] == "NetworkPolicy"));
+
+    let enabled = ["--set", "networkPolicy.enabled=true"];
+    helm_ok(&["lint", "--strict", CHART, enabled[0], enabled[1]]);
+    let objects = render("kw", "keyward-system", &enabled);
+    let deployment = find(&objects, "Deployment", "kw-keyward");
+    let policy = find(&objects, "NetworkPolicy", "kw-keyward");
+    let spec = &policy["spec"];
+    assert_eq!(
+        spec["podSelector"]["matchLabels"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(spec["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        spec["ingress"],
+        json!([{"ports": [{"port": 8080, "protocol": "TCP"}]}])
+    );
+    let egress = spec["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 3, "{egress:?}");
+    assert_eq!(
+        egress[0],
+        json!({"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}),
+        "the API server"
+    );
+    assert_eq!(
+        egress[1]["ports"],
+        json!([{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}])
+    );
+    assert_eq!(
+        egress[1]["to"][0]["podSelector"]["matchLabels"]["k8s-app"],
+        "kube-dns"
+    );
+    assert_eq!(
+        egress[2],
+        json!({"ports": [{"port": 443, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+        "the provider APIs"
+    );
+
+    // Narrowed peers land where they belong.
+    let objects = render(
+        "kw",
+        "keyward-system",
+        &[
+            enabled[0],
+            enabled[1],
+            "--set-json",
+            r#"networkPolicy.metrics.from=[{"namespaceSelector":{"matchLabels":{"name":"monitoring"}}}]"#,
+            "--set-json",
+            r#"networkPolicy.providers.to=[{"ipBlock":{"cidr":"203.0.113.0/24"}}]"#,
+        ],
+    );
+    let spec = &find(&objects, "NetworkPolicy", "kw-keyward")["spec"];
+    assert_eq!(
+        spec["ingress"][0]["from"][0]["namespaceSelector"]["matchLabels"]["name"],
+        "monitoring"
+    );
+    assert_eq!(
+        spec["egress"][2]["to"],
+        json!([{"ipBlock": {"cidr": "203.0.113.0/24"}}])
+    );
+
+    // The real API server accepts it as rendered.
+    let client = common::client().await;
+    let ns = TestNamespace::new(&client, "chart-netpol").await;
+    let mut policy: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(find(&objects, "NetworkPolicy", "kw-keyward").clone()).unwrap();
+    policy.metadata.namespace = None;
+    Api::namespaced(client, &ns.name)
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &policy,
+        )
+        .await
+        .unwrap();
+}
+
+#[test]
 fn chart_crds_are_the_generated_crds() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let files = |dir: &Path| -> Vec<(String, Vec<u8>)> {

@@ -52,3 +52,51 @@ fn keyward_crds_prints_the_checked_in_files() {
         .collect();
     assert_eq!(printed, files);
 }
+
+/// `kubectl explain` wraps descriptions itself: a line break inside a paragraph
+/// (from a wrapped doc comment) shows as ragged text. Paragraph breaks may stay.
+#[test]
+fn no_field_description_has_a_hard_line_break() {
+    fn walk(path: &str, value: &serde_json::Value, found: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, v) in map {
+                    let at = format!("{path}.{key}");
+                    match (key.as_str(), v) {
+                        ("description", serde_json::Value::String(text))
+                            if text.split("\n\n").any(|p| p.contains('\n')) =>
+                        {
+                            found.push(format!("{at}: {text:?}"));
+                        }
+                        _ => walk(&at, v, found),
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(&format!("{path}[{i}]"), v, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let mut found = Vec::new();
+    let mut descriptions = 0;
+    for crd in keyward::crds::all() {
+        let name = keyward::crds::file_name(&crd);
+        let text = std::fs::read_to_string(dir.join(&name)).unwrap();
+        descriptions += text.matches("description:").count();
+        let value: serde_json::Value = serde_saphyr::from_str(&text).unwrap();
+        walk(&name, &value, &mut found);
+    }
+    assert!(
+        descriptions > 100,
+        "only {descriptions} descriptions: is the walk reading the CRDs?"
+    );
+    assert!(
+        found.is_empty(),
+        "descriptions with a line break inside a paragraph (join wrapped lines in src/crds.rs):\n{}",
+        found.join("\n")
+    );
+}

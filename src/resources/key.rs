@@ -60,8 +60,8 @@ pub struct Rotation {
     pub inspect_interval: Option<KeyDuration>,
 }
 
-/// Extra Secret content rendered from the key. `{{ key }}` is the key value; see the
-/// README for every variable.
+/// Extra Secret content rendered from the key. `{{ key }}` is the key value; every
+/// variable is listed in docs/concepts.md (Secret templates).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct SecretTemplate {
     /// Labels added to the Secret.
@@ -157,9 +157,9 @@ pub enum DeletionPolicy {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
-#[x_kube(validation = Rule::new("!has(self.expiry) || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
 pub struct AuthKeySpec {
     /// The provider that issues the key.
     pub provider_ref: ProviderRef,
@@ -255,9 +255,9 @@ fn default_true() -> bool {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
-#[x_kube(validation = Rule::new("!has(self.expiry) || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
 pub struct ServiceAccountKeySpec {
     /// The provider that issues the key.
     pub provider_ref: ProviderRef,

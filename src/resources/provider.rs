@@ -176,7 +176,7 @@ pub struct ResponseFields {
     pub gone: Option<String>,
 }
 
-/// One request of an `http` provider. Every string is a template (see the README).
+/// One request of an `http` provider. Every string is a template (see docs/providers/http.md).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!(has(self.body) && has(self.graphql))").message("set either body or graphql on a request, not both"))]

@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 /// Go's syntax (hours, minutes, seconds) because the API server's CEL `duration()`
 /// understands it, so cross-field rules like "renewBefore shorter than expiry" are
 /// checked at admission. Days are spelled in hours (`2160h` = 90 days), as in
-/// cert-manager.
+/// cert-manager. Those rules first check that the value is one `duration()` can read
+/// (`^([0-9]+[hms])+$`): the API server evaluates CEL rules even when a field failed
+/// its pattern, and a malformed value would otherwise add a "type conversion error"
+/// to the pattern's clear message.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct KeyDuration(pub String);
