@@ -191,6 +191,13 @@ impl Context {
     }
 }
 
+/// 8 random hex characters from the OS RNG: attempt ids, rotate-request nonces.
+pub fn random_id() -> String {
+    let mut buf = [0u8; 4];
+    getrandom::fill(&mut buf).expect("operating system RNG");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Writes an object's status with server-side apply (keys and providers alike). With
 /// `guard`, the write carries the object's `resourceVersion` and the API server
 /// refuses it (409) if the object changed since: a write that commits to an upstream

@@ -206,7 +206,7 @@ pub async fn run(args: RotateArgs) -> Result<bool, Error> {
     let requested = format!(
         "{}/{}",
         Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ"),
-        crate::lifecycle::attempt_id()
+        crate::context::random_id()
     );
 
     let mut rotations: BTreeMap<Id, Rotation> = BTreeMap::new();
@@ -416,6 +416,10 @@ mod tests {
             marker: "kw:a".into(),
             reason: "ForcedRotation".into(),
             started_at: Time(Timestamp::UNIX_EPOCH),
+            shape: String::new(),
+            rotate_request: Some("r3".into()),
+            secret_name: "k".into(),
+            revision: 3,
         });
         assert_ne!(
             progress(&key("r2", in_flight), Some(2)),

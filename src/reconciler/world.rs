@@ -72,9 +72,7 @@ impl<K: ManagedKey> World<K> for KubeWorld {
     }
 
     fn attempt_id(&self) -> String {
-        let mut buf = [0u8; 4];
-        getrandom::fill(&mut buf).expect("operating system RNG");
-        buf.iter().map(|b| format!("{b:02x}")).collect()
+        context::random_id()
     }
 
     fn timing(&self) -> Timing {
