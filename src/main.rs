@@ -263,7 +263,11 @@ async fn shutdown_signal() {
 
 async fn local_cluster(dir: PathBuf) -> anyhow::Result<()> {
     use keyward::control_plane::{ControlPlane, Options};
-    let plane = ControlPlane::start(Options { dir: Some(dir) }).await?;
+    let plane = ControlPlane::start(Options {
+        dir: Some(dir),
+        ..Options::default()
+    })
+    .await?;
     // `hack/local-cluster up` waits for this file: it exists only once the API server
     // is ready and the CRDs are installed.
     let pids = plane.pids().map(|p| p.to_string()).join(" ");

@@ -80,6 +80,9 @@ pub struct Options {
     /// A folder to keep certificates, data and logs in; default: a temporary folder
     /// removed when the control plane stops.
     pub dir: Option<PathBuf>,
+    /// Extra `kube-apiserver` flags, after keyward's own (e.g. an audit policy and log,
+    /// as `hack/bench` uses to count requests by user).
+    pub extra_apiserver_args: Vec<String>,
 }
 
 /// A running control plane. Dropping it stops both servers.
@@ -195,7 +198,10 @@ impl ControlPlane {
                 "--disable-admission-plugins=ServiceAccount".into(),
                 "--endpoint-reconciler-type=none".into(),
                 "--enable-priority-and-fairness=false".into(),
-            ],
+            ]
+            .into_iter()
+            .chain(options.extra_apiserver_args)
+            .collect::<Vec<_>>(),
             &dir.join("kube-apiserver.log"),
         )?;
 
