@@ -80,6 +80,44 @@ impl Cluster {
         Ok(path)
     }
 
+    /// Waits until the API server delivers watch events of `resource` promptly.
+    ///
+    /// Right after a CRD is installed its watch cache is still starting, and events
+    /// reach watches opened meanwhile about two seconds late — an operator started
+    /// then would look two seconds slower than it is. So before any operator runs,
+    /// `probe` (an object of that kind) is created in a namespace of its own and
+    /// deleted again until a fresh watch sees it within 300 ms.
+    pub async fn warm_up(&self, resource: &ApiResource, probe: Value) -> anyhow::Result<()> {
+        const NAMESPACE: &str = "warm-up";
+        self.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": NAMESPACE}}))
+            .await?;
+        let tracker = Tracker::start(self.admin.clone(), resource, NAMESPACE).await?;
+        for attempt in 0..60 {
+            let mut probe = probe.clone();
+            let name = format!("probe-{attempt}");
+            probe["metadata"] = serde_json::json!({"name": name, "namespace": NAMESPACE});
+            let sent = create_all(tracker.api(), vec![probe]).await?[&name];
+            let seen = tracker
+                .wait(
+                    "the warm-up probe seen",
+                    Duration::from_secs(10),
+                    |seen| seen.get(&name).is_some_and(|s| s.first.is_some()),
+                    |_| "not yet".into(),
+                )
+                .await;
+            delete_all(tracker.api(), std::slice::from_ref(&name)).await?;
+            let first = tracker.snapshot().get(&name).and_then(|s| s.first);
+            if seen.is_ok() && first.is_some_and(|first| seconds(sent, first) < 0.3) {
+                return Ok(());
+            }
+        }
+        anyhow::bail!(
+            "watch events of {} stayed late for 60 probes",
+            resource.plural
+        )
+    }
+
     pub fn apiserver_cpu(&self) -> f64 {
         process::cpu_seconds(self.plane.pids()[1])
     }
@@ -99,6 +137,32 @@ impl Cluster {
         .await
         .with_context(|| format!("applying {} {name}", resource.kind))?;
         Ok(())
+    }
+
+    /// Waits for a freshly started operator's first request, then until it is quiet
+    /// (a process that has not yet started working is not quiet).
+    pub async fn wait_started_and_quiet(
+        &mut self,
+        since: Timestamp,
+        running: &mut [&mut Process],
+    ) -> anyhow::Result<Timestamp> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        loop {
+            self.audit.poll()?;
+            if self.audit.last_work(&self.user, since).is_some() {
+                return self.wait_quiet(since, running).await;
+            }
+            for process in running.iter_mut() {
+                process.check_running()?;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} made no request within {:?} of starting",
+                self.user,
+                self.timeout
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Waits until the operator made no request but watches and Lease renewals for

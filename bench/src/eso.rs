@@ -119,6 +119,7 @@ pub async fn run(run: &Run, dir: &Path) -> anyhow::Result<Eso> {
         "spec": {"length": 43, "digits": 8, "symbols": 0, "noUpper": false, "allowRepeat": true},
     }))
     .await?;
+    c.warm_up(&external_secrets(), keys(1).remove(0)).await?;
     let kubeconfig = c.kubeconfig()?;
     let binary = dir.join("external-secrets");
     let log_dir = c.dir.clone();
@@ -133,7 +134,7 @@ pub async fn run(run: &Run, dir: &Path) -> anyhow::Result<Eso> {
     };
     let t0 = Timestamp::now();
     let mut eso = start("external-secrets-0")?;
-    c.wait_quiet(t0, &mut [&mut eso]).await?;
+    c.wait_started_and_quiet(t0, &mut [&mut eso]).await?;
 
     run.say(&format!(
         "external-secrets: applying {} ExternalSecrets",

@@ -213,6 +213,7 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
         )
         .await?;
     }
+    c.warm_up(&authkeys(), builtin_keys(1).remove(0)).await?;
     let operator = Operator {
         run,
         kubeconfig: c.kubeconfig()?,
@@ -221,7 +222,7 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     let t0 = Timestamp::now();
     let mut keyward = operator.start("keyward-0", false)?;
     wait_providers_ready(&c, &["builtin", "tailscale"]).await?;
-    c.wait_quiet(t0, &mut [&mut keyward]).await?;
+    c.wait_started_and_quiet(t0, &mut [&mut keyward]).await?;
 
     let (builtin, mut keyward) = common_phases(
         run,
@@ -360,12 +361,14 @@ async fn failover(
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "no leader elected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    c.wait_quiet(t0, &mut [&mut a, &mut b]).await?;
+    c.wait_started_and_quiet(t0, &mut [&mut a, &mut b]).await?;
     let (leader, mut standby) = if holder == a.name { (a, b) } else { (b, a) };
     let leader_rss = leader.peak_rss();
     let before = emulator.stats().await?;
-    let killed = Timestamp::now();
+    // The leader is gone before the clock starts: nothing it sent counts as the
+    // standby's work.
     leader.kill();
+    let killed = Timestamp::now();
     loop {
         standby.check_running()?;
         if lease_holder(c).await?.as_deref() == Some(standby.name.as_str()) {
@@ -378,7 +381,9 @@ async fn failover(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let took_over = Timestamp::now();
-    let last = c.wait_quiet(took_over, &mut [&mut standby]).await?;
+    let last = c
+        .wait_started_and_quiet(killed, &mut [&mut standby])
+        .await?;
     let after = emulator.stats().await?;
     Ok((
         Failover {

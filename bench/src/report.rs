@@ -231,7 +231,7 @@ impl Table {
         if self.rows.is_empty() {
             return;
         }
-        let _ = writeln!(out, "### {}\n", self.title);
+        let _ = writeln!(out, "#### {}\n", self.title);
         let _ = writeln!(out, "| {} |", self.columns.join(" | "));
         let _ = writeln!(out, "|{}", "---|".repeat(self.columns.len()));
         for row in self.rows {
@@ -250,7 +250,7 @@ impl Report {
         let m = &self.meta;
         let _ = writeln!(
             out,
-            "## {}N = {}: client {} QPS / burst {}, concurrency {}, {}\n",
+            "### {}N = {}: client {} QPS / burst {}, concurrency {}, {}\n",
             if m.smoke { "Smoke run, " } else { "" },
             m.keys,
             m.client_qps,

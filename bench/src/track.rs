@@ -19,6 +19,8 @@ use serde_json::Value;
 /// What was seen of one key.
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
+    /// When the watch first delivered the object.
+    pub first: Option<Timestamp>,
     /// Highest `status.revision` seen Ready (0 when the kind has none), and since when.
     pub ready: Option<(i64, Timestamp)>,
     pub gone: Option<Timestamp>,
@@ -125,6 +127,7 @@ fn observe(seen: &mut HashMap<String, Seen>, object: &DynamicObject, now: Timest
     };
     let status = &object.data["status"];
     let entry = seen.entry(name).or_default();
+    entry.first.get_or_insert(now);
     if is_ready(status) {
         let revision = status["revision"].as_i64().unwrap_or(0);
         if entry.ready.is_none_or(|(r, _)| revision > r) {
