@@ -175,12 +175,16 @@ pub struct Tally {
     /// GETs of single objects (what a restart should not make per key).
     pub gets: usize,
     pub leases: usize,
+    /// Requests received in the busiest second: the client rate actually used.
+    pub peak_per_second: usize,
 }
 
 impl Tally {
     pub fn of(requests: &[&Request]) -> Self {
         let mut tally = Self::default();
+        let mut per_second: BTreeMap<i64, usize> = BTreeMap::new();
         for r in requests {
+            *per_second.entry(r.at.as_second()).or_default() += 1;
             *tally
                 .by_kind
                 .entry(format!("{} {}", r.verb, r.resource))
@@ -190,6 +194,7 @@ impl Tally {
             tally.gets += usize::from(r.verb == "get" && !r.is_lease());
             tally.leases += usize::from(r.is_lease());
         }
+        tally.peak_per_second = per_second.into_values().max().unwrap_or(0);
         tally
     }
 }
@@ -282,5 +287,6 @@ mod tests {
             (5, 2, 1, 2)
         );
         assert_eq!(tally.by_kind["create secrets"], 1);
+        assert_eq!(tally.peak_per_second, 5);
     }
 }

@@ -136,10 +136,6 @@ pub async fn run(run: &Run, dir: &Path) -> anyhow::Result<Eso> {
     let mut eso = start("external-secrets-0")?;
     c.wait_started_and_quiet(t0, &mut [&mut eso]).await?;
 
-    run.say(&format!(
-        "external-secrets: applying {} ExternalSecrets",
-        a.keys
-    ));
     let (phases, eso) = common_phases(
         run,
         &mut c,

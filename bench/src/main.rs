@@ -1,6 +1,6 @@
 //! `hack/bench`: keyward at N keys on a real local control plane, beside the floor (a
 //! client making only the writes a key needs) and External Secrets Operator, at the
-//! same client rate. Prints Markdown for BENCHMARKS.md; see docs/benchmarks.md for
+//! same client rate. Prints Markdown for BENCHMARKS.md, which says
 //! what each figure means and how it is measured.
 
 mod audit;
