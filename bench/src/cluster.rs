@@ -54,6 +54,7 @@ impl Cluster {
         let plane = ControlPlane::start(Options {
             dir: None,
             extra_apiserver_args,
+            ..Options::default()
         })
         .await
         .context("starting the control plane")?;
@@ -119,7 +120,14 @@ impl Cluster {
     }
 
     pub fn apiserver_cpu(&self) -> f64 {
-        process::cpu_seconds(self.plane.pids()[1])
+        let pid = self
+            .plane
+            .pids()
+            .into_iter()
+            .find(|(name, _)| *name == "kube-apiserver")
+            .map(|(_, pid)| pid)
+            .expect("the control plane runs kube-apiserver");
+        process::cpu_seconds(pid)
     }
 
     /// Creates (server-side applies) plain objects the operator needs.
