@@ -107,26 +107,22 @@ pub struct Sim {
     /// sequence number and the time.
     attempt_seq: BTreeMap<String, (u64, Timestamp)>,
     values: Vec<String>,
-    trace: Vec<String>,
     verbose: bool,
 }
 
 impl Sim {
-    fn log(&mut self, line: String) {
+    /// Prints a line of the trace when replaying (`verbose`); costs nothing otherwise.
+    fn log(&self, line: impl FnOnce() -> String) {
         if self.verbose {
-            println!("{} [{}] {line}", self.now, self.seq);
+            println!("{} [{}] {}", self.now, self.seq, line());
         }
-        self.trace.push(line);
     }
 
     pub fn register(&mut self, instance: usize, incarnation: u64, op: Op) -> u64 {
         self.next_op += 1;
         self.seq += 1;
         let id = self.next_op;
-        self.log(format!(
-            "op {id} by #{instance}.{incarnation}: {}",
-            describe(&op)
-        ));
+        self.log(|| format!("op {id} by #{instance}.{incarnation}: {}", describe(&op)));
         let pending = Pending {
             instance,
             op,
@@ -156,7 +152,7 @@ impl Sim {
         let latest = self.latest_landing(started);
         let span = latest.duration_since(self.now).as_millis().max(0) as u64;
         let at = lifecycle::after(self.now, Duration::from_millis(self.rng.below(span + 1)));
-        self.log(format!("create of {} will land at {at}", key.id));
+        self.log(|| format!("create of {} will land at {at}", key.id));
         self.upstream.landings.push(Landing { at, key });
     }
 
@@ -172,7 +168,7 @@ impl Sim {
             let key = self.upstream.mint(request, self.now, false, value);
             self.landing(p.started, key);
         }
-        self.log(format!("op {id} is slow until {deadline}"));
+        self.log(|| format!("op {id} is slow until {deadline}"));
     }
 
     /// Carries an operation out against the models and puts its reply in.
@@ -188,7 +184,7 @@ impl Sim {
         } else {
             self.effect(&p, true)
         };
-        self.log(format!("op {id} done: {}", reply_summary(&reply)));
+        self.log(|| format!("op {id} done: {}", reply_summary(&reply)));
         self.replies.insert(id, reply);
     }
 
@@ -513,7 +509,6 @@ impl Schedule {
             seq: 0,
             attempt_seq: BTreeMap::new(),
             values: Vec::new(),
-            trace: Vec::new(),
             verbose,
         };
         let mut ledgers = BTreeMap::new();
@@ -605,10 +600,12 @@ impl Schedule {
                 memo,
             };
             let name = key.name_any();
-            self.lock().log(format!(
-                "reconcile {name} on #{i} from rv {:?}",
-                key.resource_version()
-            ));
+            self.lock().log(|| {
+                format!(
+                    "reconcile {name} on #{i} from rv {:?}",
+                    key.resource_version()
+                )
+            });
             let task: Task =
                 Box::pin(async move { keyward::reconciler::execute(&world, &key).await });
             self.tasks.insert((i, name), task);
@@ -621,7 +618,7 @@ impl Schedule {
             let text = e.to_string();
             sim.check_no_values(&text, "an error");
         }
-        sim.log(format!("reconcile {name} on #{i} ended: {result:?}"));
+        sim.log(|| format!("reconcile {name} on #{i} ended: {result:?}"));
         let now = sim.now;
         let inst = &mut sim.instances[i];
         let due = match result {
@@ -695,7 +692,7 @@ impl Schedule {
             Event::Garbage => {
                 let mut sim = self.lock();
                 sim.seq += 1;
-                sim.log("garbage collector".into());
+                sim.log(|| "garbage collector".into());
                 sim.api.collect_garbage();
             }
             Event::Tick => return self.tick(calm),
@@ -725,10 +722,22 @@ impl Schedule {
             sim.slow(id);
             return;
         }
-        let before = sim.api.keys.clone();
+        // Only a status write can move a revision.
+        let writes_status = matches!(sim.ops[&id].op, Op::WriteStatus(..));
+        let before: BTreeMap<String, Option<KeyStatus>> = if writes_status {
+            sim.api
+                .keys
+                .iter()
+                .map(|(n, k)| (n.clone(), k.status.clone()))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         sim.complete(id);
         drop(sim);
-        self.revisions(&before);
+        if writes_status {
+            self.revisions(&before);
+        }
     }
 
     fn deliver_one(&mut self) {
@@ -775,7 +784,7 @@ impl Schedule {
         let mut sim = self.lock();
         let i = 0;
         sim.seq += 1;
-        sim.log(format!("CRASH #{i}"));
+        sim.log(|| format!("CRASH #{i}"));
         let orphaned: Vec<u64> = sim
             .ops
             .iter()
@@ -816,7 +825,7 @@ impl Schedule {
             cursor,
         };
         sim.seq += 1;
-        sim.log("RESTART".into());
+        sim.log(|| "RESTART".into());
     }
 
     /// Moves the clock: to the next thing due, or a little.
@@ -865,7 +874,7 @@ impl Schedule {
             sim.slow(id);
         }
         if sim.upstream.land_due(to) {
-            sim.log("late creates landed".into());
+            sim.log(|| "late creates landed".into());
         }
         true
     }
@@ -928,7 +937,7 @@ impl Schedule {
                 false
             }
         };
-        sim.log(format!("USER action {kind} on {name} (trigger: {trigger})"));
+        sim.log(|| format!("USER action {kind} on {name} (trigger: {trigger})"));
         drop(sim);
         if trigger && let Some(l) = self.ledgers.get_mut(&name) {
             l.triggers.push(seq);
@@ -940,14 +949,11 @@ impl Schedule {
     /// edit or delete, a console revocation), or the previous key's renewal being due
     /// (at the earliest the spec allows: nine tenths of the window after issuance,
     /// and never sooner than the minimum window).
-    fn revisions(&mut self, before: &BTreeMap<String, AuthKey>) {
+    fn revisions(&mut self, before: &BTreeMap<String, Option<KeyStatus>>) {
         let sim = self.sim.lock().unwrap();
         for (name, key) in &sim.api.keys {
             let revision = key.status.as_ref().and_then(|s| s.revision).unwrap_or(0);
-            let previous = before
-                .get(name)
-                .and_then(|k| k.status.clone())
-                .unwrap_or_default();
+            let previous = before.get(name).cloned().flatten().unwrap_or_default();
             if revision <= previous.revision.unwrap_or(0) {
                 continue;
             }
@@ -1217,7 +1223,7 @@ fn run(seed: u64, verbose: bool) {
             kube: 0,
             upstream: 0,
         };
-        sim.log("CALM".into());
+        sim.log(|| "CALM".into());
     }
     loop {
         if s.settled() {
