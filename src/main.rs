@@ -44,7 +44,7 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    // `status`, `rotate` and `doctor`: the verbs of the kubectl plugin
+    // `status`, `rotate`, `doctor` and `audit`: the verbs of the kubectl plugin
     // (`kubectl keyward`).
     #[command(flatten)]
     Plugin(keyward::cli::Verb),

@@ -1,9 +1,10 @@
-//! The kubectl plugin (`kubectl-keyward`: status, rotate, doctor) against the real
-//! control plane, run as a separate process the way kubectl runs it — through
+//! The kubectl plugin (`kubectl-keyward`: status, rotate, doctor, audit) against the
+//! real control plane, run as a separate process the way kubectl runs it — through
 //! `kubectl keyward …` itself where that is the point, otherwise the binary directly.
 //! Keys become Ready because keyward's controller runs in this process (with the
-//! operator's own `DefaultFactory`: the builtin provider, and the Tailscale emulator
-//! for refusals), or as the `keyward run` binary where doctor checks its Lease.
+//! operator's own `DefaultFactory`: the builtin provider, and the Tailscale and
+//! Prefect emulators for refusals and audits), or as the `keyward run` binary where
+//! doctor checks its Lease.
 
 mod common;
 
@@ -23,7 +24,7 @@ use keyward::{
     providers::DefaultFactory,
     resources::{AuthKey, KeyProvider, ServiceAccountKey},
 };
-use keyward_emulators::{Fault, tailscale::Tailscale};
+use keyward_emulators::{Fault, prefect::Prefect, tailscale::Tailscale};
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams},
@@ -434,14 +435,7 @@ async fn label(client: &Client, ns: &str, plural: &str, name: &str) {
 async fn rotate_times_out_naming_the_condition_that_blocks_it() {
     let mut c = Cluster::new("plugin-stuck").await;
     let ns = c.ns.name.clone();
-    let ts = Tailscale::start().await;
-    let token = ts.add_api_token("ops@example.com");
-    credential(&c.client, &ns, "tailscale", "api-key", &token).await;
-    c.create::<KeyProvider>(
-        "tailscale",
-        json!({"tailscale": {"apiURL": ts.base_url(), "apiKeySecretRef": {"name": "tailscale", "key": "api-key"}}}),
-    )
-    .await;
+    let (ts, _) = tailscale_provider(&c).await;
     c.start(Arc::new(DefaultFactory::default()));
     c.create::<AuthKey>(
         "edge",
@@ -482,6 +476,20 @@ async fn rotate_times_out_naming_the_condition_that_blocks_it() {
         "progress on stderr: {}",
         doc.stderr
     );
+}
+
+/// A `KeyProvider` named `tailscale` on an API access token of ops@example.com (in
+/// Secret `tailscale`): the emulator behind it and the token.
+async fn tailscale_provider(c: &Cluster) -> (Tailscale, String) {
+    let ts = Tailscale::start().await;
+    let token = ts.add_api_token("ops@example.com");
+    credential(&c.client, &c.ns.name, "tailscale", "api-key", &token).await;
+    c.create::<KeyProvider>(
+        "tailscale",
+        json!({"tailscale": {"apiURL": ts.base_url(), "apiKeySecretRef": {"name": "tailscale", "key": "api-key"}}}),
+    )
+    .await;
+    (ts, token)
 }
 
 async fn credential(client: &Client, ns: &str, name: &str, key: &str, value: &str) {
@@ -864,4 +872,480 @@ async fn doctor_reports_a_missing_and_a_stale_crd() {
         .await
         .assert_contains("ok       authkeys.keyward.dev: installed and current")
         .assert_contains("ok       serviceaccountkeys.keyward.dev: installed and current");
+}
+
+/// The first 8 hex digits of a resource's UID: what its markers carry.
+fn uid8(uid: &str) -> String {
+    uid.replace('-', "")[..8].to_owned()
+}
+
+/// An auth key made straight through the emulator's API with `token`, described as
+/// keyward describes its keys — but not made by keyward: what an audit must find.
+async fn plant(ts: &Tailscale, token: &str, description: &str) -> String {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let reply = reqwest::Client::new()
+        .post(format!("{}/api/v2/tailnet/-/keys", ts.base_url()))
+        .basic_auth(token, Some(""))
+        .json(
+            &json!({"capabilities": {"devices": {"create": {"reusable": true}}},
+                      "expirySeconds": 86_400, "description": description}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(reply.status().is_success(), "{}", reply.status());
+    let key: Value = reply.json().await.unwrap();
+    key["id"].as_str().unwrap().to_owned()
+}
+
+/// What an audit test starts from, in a namespace whose `tailscale` KeyProvider uses
+/// an API access token: AuthKey `edge` holding its key, `rotated` holding a current
+/// and a retiring key, and two keys planted in the emulator with keyward markers —
+/// `stray` carries `edge`'s UID (edge exists but does not hold it), `gone` the UID of
+/// an AuthKey since deleted. The token's own entry in the key list carries a marker
+/// too. Also a `tailscale-oauth` KeyProvider on an OAuth client (whose entry carries a
+/// marker as well) and AuthKey `tagged` holding a key from it.
+struct Audit {
+    c: Cluster,
+    ts: Tailscale,
+    held: [String; 4],
+    stray: String,
+    gone: String,
+    edge8: String,
+    gone8: String,
+    token_id: String,
+    oauth_id: String,
+}
+
+async fn audit_setup(prefix: &str) -> Audit {
+    let mut c = Cluster::new(prefix).await;
+    let ns = c.ns.name.clone();
+    let (ts, token) = tailscale_provider(&c).await;
+    let oauth = ts.add_oauth_client(&["tag:edge"], &["auth_keys"]);
+    credential(&c.client, &ns, "oauth", "client-secret", &oauth.secret).await;
+    c.create::<KeyProvider>(
+        "tailscale-oauth",
+        json!({"tailscale": {"apiURL": ts.base_url(), "tailnet": ts.tailnet(),
+               "oauth": {"clientId": oauth.id, "clientSecretRef": {"name": "oauth", "key": "client-secret"}}}}),
+    )
+    .await;
+    c.start(Arc::new(DefaultFactory::default()));
+    let tailscale = |extra: Value| {
+        let mut spec = key_spec(extra);
+        spec["providerRef"] = json!({"name": "tailscale"});
+        spec
+    };
+    c.create::<AuthKey>("edge", tailscale(json!({}))).await;
+    c.create::<AuthKey>(
+        "rotated",
+        tailscale(json!({"rotation": {"overlap": "10m"}})),
+    )
+    .await;
+    c.create::<AuthKey>("gone", tailscale(json!({}))).await;
+    c.create::<AuthKey>(
+        "tagged",
+        key_spec(json!({"providerRef": {"name": "tailscale-oauth"}, "tags": ["tag:edge"]})),
+    )
+    .await;
+    let keys = c.api::<AuthKey>();
+    let edge = ready(&keys, "edge").await;
+    let tagged = ready(&keys, "tagged").await;
+    ready(&keys, "rotated").await;
+    c.rotate::<AuthKey>("rotated", "now").await;
+    let rotated = status_where(&keys, "rotated", "rotated, old key retiring", |s| {
+        s.revision == Some(2) && s.retiring.len() == 1 && s.attempt.is_none()
+    })
+    .await;
+    ready(&keys, "gone").await;
+    let uid = |name: &str| {
+        let keys = keys.clone();
+        let name = name.to_owned();
+        async move { keys.get(&name).await.unwrap().metadata.uid.unwrap() }
+    };
+    let edge8 = uid8(&uid("edge").await);
+    let gone8 = uid8(&uid("gone").await);
+    c.delete_and_wait::<AuthKey>("gone", "the deleted AuthKey")
+        .await;
+
+    let stray = plant(&ts, &token, &format!("stray kw-{edge8}-0000beef")).await;
+    let gone = plant(&ts, &token, &format!("kw-{gone8}-0badf00d")).await;
+    let token_id = ts.api_token_id(&token).unwrap();
+    assert!(ts.describe_credential(&token_id, &format!("kw-{gone8}-12345678")));
+    assert!(ts.describe_credential(&oauth.id, &format!("kw-{gone8}-87654321")));
+    Audit {
+        held: [
+            edge.key_id.unwrap(),
+            rotated.key_id.unwrap(),
+            rotated.retiring[0].key_id.clone(),
+            tagged.key_id.unwrap(),
+        ],
+        c,
+        ts,
+        stray,
+        gone,
+        edge8,
+        gone8,
+        token_id,
+        oauth_id: oauth.id,
+    }
+}
+
+impl Audit {
+    fn valid(&self, id: &str) -> bool {
+        self.ts.key(id).unwrap().is_valid(self.ts.now())
+    }
+
+    /// Each held key still valid, and the credentials never revoked.
+    fn assert_held_untouched(&self) {
+        for id in &self.held {
+            assert!(self.valid(id), "held key {id} was revoked");
+        }
+        for c in self.ts.credentials() {
+            assert!(!c.revoked, "credential {} was revoked", c.id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn audit_finds_orphans_planted_upstream_and_revokes_them_only_when_asked() {
+    let a = audit_setup("plugin-audit").await;
+    let ns = a.c.ns.name.clone();
+    let [edge, rotated, retiring, tagged] = a.held.clone();
+
+    let run = plugin(&["audit", "tailscale", "-n", &ns]).await;
+    run.assert_code(1)
+        .assert_contains(&format!(
+            "kp/{ns}/tailscale: 5 upstream key(s) with a keyward marker; keys read in all namespaces"
+        ))
+        .assert_contains(&format!(
+            "  {}  AuthKey {ns}/edge exists but holds neither this key nor an issuance with this marker",
+            a.stray
+        ))
+        .assert_contains(&format!(
+            "  {}  no AuthKey or ServiceAccountKey in the cluster has a UID starting {}",
+            a.gone, a.gone8
+        ))
+        .assert_contains(
+            "2 orphan(s): 1 not held by its resource, 1 whose resource is gone. `--revoke` revokes them.",
+        );
+    assert!(!run.stdout.contains('\x1b'), "no colour off a terminal");
+    let row = |id: &str| run.row(id).join(" ");
+    assert!(
+        row(&edge).ends_with(&format!("{ns} authkey/edge current")),
+        "{}",
+        row(&edge)
+    );
+    assert!(
+        row(&rotated).ends_with("authkey/rotated current"),
+        "{}",
+        row(&rotated)
+    );
+    assert!(
+        row(&retiring).ends_with("authkey/rotated retiring"),
+        "{}",
+        row(&retiring)
+    );
+    assert!(
+        row(&a.stray).ends_with(&format!(
+            "kw:{}.0000beef {ns} authkey/edge orphan: not held",
+            a.edge8
+        )),
+        "{}",
+        row(&a.stray)
+    );
+    assert!(
+        row(&a.gone).ends_with(&format!(
+            "kw:{}.0badf00d <none> <none> orphan: resource gone",
+            a.gone8
+        )),
+        "{}",
+        row(&a.gone)
+    );
+    assert!(
+        !run.stdout.contains(&a.token_id) && !run.stdout.contains(&tagged),
+        "neither the API token's own entry nor another credential's keys:\n{}",
+        run.stdout
+    );
+
+    // The same as a document; nothing revoked without --revoke.
+    let doc = plugin(&["audit", "kp/tailscale", "-n", &ns, "-o", "json"]).await;
+    doc.assert_code(1);
+    let doc = doc.json();
+    assert_eq!(doc["provider"], format!("kp/{ns}/tailscale"));
+    assert_eq!(doc["keysReadIn"], "all namespaces");
+    assert_eq!(
+        (doc["orphans"].as_u64(), doc["revoked"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let mut states: Vec<(String, String, bool, Option<String>)> = doc["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| {
+            (
+                k["id"].as_str().unwrap().to_owned(),
+                k["state"].as_str().unwrap().to_owned(),
+                k["orphan"].as_bool().unwrap(),
+                k["resource"]["name"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    states.sort();
+    let mut expected = vec![
+        (
+            edge.clone(),
+            "Current".to_owned(),
+            false,
+            Some("edge".into()),
+        ),
+        (
+            rotated.clone(),
+            "Current".to_owned(),
+            false,
+            Some("rotated".into()),
+        ),
+        (
+            retiring.clone(),
+            "Retiring".to_owned(),
+            false,
+            Some("rotated".into()),
+        ),
+        (
+            a.stray.clone(),
+            "NotHeld".to_owned(),
+            true,
+            Some("edge".into()),
+        ),
+        (a.gone.clone(), "ResourceGone".to_owned(), true, None),
+    ];
+    expected.sort();
+    assert_eq!(states, expected);
+    assert!(a.valid(&a.stray) && a.valid(&a.gone), "nothing revoked yet");
+
+    // --revoke asks first, and will not ask where nobody can answer.
+    let refused = plugin(&["audit", "tailscale", "-n", &ns, "--revoke"]).await;
+    refused.assert_code(2);
+    assert!(
+        refused
+            .stderr
+            .contains("stdin is not a terminal: add --yes"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        a.valid(&a.stray) && a.valid(&a.gone),
+        "nothing revoked when refused"
+    );
+    a.assert_held_untouched();
+
+    // --revoke --yes revokes the orphans, and only them.
+    let swept = plugin(&["audit", "tailscale", "-n", &ns, "--revoke", "--yes"]).await;
+    swept
+        .assert_code(0)
+        .assert_contains(&format!("revoked {}\n", a.stray))
+        .assert_contains(&format!("revoked {}\n", a.gone))
+        .assert_contains("; all revoked.");
+    assert!(!a.valid(&a.stray) && !a.valid(&a.gone));
+    a.assert_held_untouched();
+    let edge_now =
+        a.c.api::<AuthKey>()
+            .get("edge")
+            .await
+            .unwrap()
+            .status
+            .unwrap();
+    assert!(edge_now.is_ready() && edge_now.key_id == Some(edge.clone()));
+
+    // Nothing left: the operator's own subcommand says so, exit code 0.
+    run_with(
+        Path::new(env!("CARGO_BIN_EXE_keyward")),
+        &["audit", "tailscale", "-n", &ns],
+        common::plane().kubeconfig(),
+        None,
+    )
+    .await
+    .assert_code(0)
+    .assert_contains(&format!(
+        "kp/{ns}/tailscale: 3 upstream key(s) with a keyward marker"
+    ))
+    .assert_contains("No orphans.");
+
+    // Through an OAuth client: the tailnet's keys, never the OAuth client itself.
+    let oauth = plugin(&["audit", "tailscale-oauth", "-n", &ns]).await;
+    oauth
+        .assert_code(0)
+        .assert_contains(&format!("kp/{ns}/tailscale-oauth: 1 upstream key(s)"))
+        .assert_contains("No orphans.");
+    assert!(
+        oauth
+            .row(&tagged)
+            .join(" ")
+            .ends_with("authkey/tagged current")
+    );
+    assert!(!oauth.stdout.contains(&a.oauth_id), "{}", oauth.stdout);
+}
+
+#[tokio::test]
+async fn audit_needs_the_credential_secret_and_sweeps_only_what_it_can_see() {
+    let a = audit_setup("plugin-audit-rbac").await;
+    let ns = a.c.ns.name.clone();
+    let user = format!("auditor-{ns}");
+    let role = |rules: Value| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "auditor"}, "rules": rules})
+    };
+    let keyward_rules = json!([
+        {"apiGroups": ["keyward.dev"], "resources": ["keyproviders"], "verbs": ["get"]},
+        {"apiGroups": ["keyward.dev"], "resources": ["authkeys", "serviceaccountkeys"], "verbs": ["list"]}
+    ]);
+    apply_rbac(&a.c.client, &ns, role(keyward_rules.clone())).await;
+    apply_rbac(
+        &a.c.client,
+        &ns,
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "auditor"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "auditor"},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]}),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("auditor.yaml");
+    std::fs::write(
+        &kubeconfig,
+        common::plane().kubeconfig_for(&user, &[]).unwrap(),
+    )
+    .unwrap();
+    let audit = |extra: &'static [&'static str]| {
+        let (ns, kubeconfig) = (ns.clone(), kubeconfig.clone());
+        async move {
+            let mut args = vec!["audit", "tailscale", "-n", ns.as_str()];
+            args.extend_from_slice(extra);
+            run_with(plugin_binary(), &args, &kubeconfig, None).await
+        }
+    };
+
+    // The credential Secret is the one thing it may not read: it says which, and how
+    // to check.
+    let refused = eventually("the auditor's Role to apply", WAIT, || async {
+        let run = audit(&[]).await;
+        run.stderr.contains("Secret").then_some(run)
+    })
+    .await;
+    refused.assert_code(2);
+    for expected in [
+        format!("reading Secret {ns}/tailscale, the credential of kp/{ns}/tailscale, was refused"),
+        "it needs get on that Secret".to_owned(),
+        format!("`kubectl auth can-i get secret/tailscale -n {ns}`"),
+        "forbidden".to_owned(),
+    ] {
+        assert!(
+            refused.stderr.contains(&expected),
+            "{expected:?} not in {}",
+            refused.stderr
+        );
+    }
+
+    // Allowed that Secret, but not to list keys outside the namespace: a marker whose
+    // resource is not here may belong to one elsewhere, so it is not an orphan.
+    let mut rules = keyward_rules.as_array().unwrap().clone();
+    rules.push(json!({"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tailscale"], "verbs": ["get"]}));
+    apply_rbac(&a.c.client, &ns, role(Value::Array(rules))).await;
+    let partial = eventually("the Secret to become readable", WAIT, || async {
+        let run = audit(&[]).await;
+        (run.code != 2).then_some(run)
+    })
+    .await;
+    partial
+        .assert_code(1)
+        .assert_contains(&format!("keys read in namespace {ns}"))
+        .assert_contains("1 orphan(s): 1 not held by its resource, 0 whose resource is gone")
+        .assert_contains(&format!(
+            "  {}  no key in namespace {ns} has a UID starting {}; you may not list keys in every namespace, so its resource may be in another",
+            a.gone, a.gone8
+        ));
+    assert!(
+        partial
+            .row(&a.gone)
+            .join(" ")
+            .ends_with("<none> <none> unknown")
+    );
+    assert!(
+        partial
+            .row(&a.stray)
+            .join(" ")
+            .ends_with("orphan: not held")
+    );
+
+    let swept = audit(&["--revoke", "--yes"]).await;
+    swept
+        .assert_code(0)
+        .assert_contains(&format!("revoked {}\n", a.stray))
+        .assert_contains("Not tied (left alone):");
+    assert!(!swept.stdout.contains(&format!("revoked {}", a.gone)));
+    assert!(!a.valid(&a.stray));
+    assert!(a.valid(&a.gone), "what it cannot tie is never revoked");
+    a.assert_held_untouched();
+}
+
+#[tokio::test]
+async fn audit_ties_prefect_bots_by_name_and_leaves_other_bots_alone() {
+    let mut c = Cluster::new("plugin-audit-prefect").await;
+    let ns = c.ns.name.clone();
+    let prefect = Prefect::start().await;
+    credential(
+        &c.client,
+        &ns,
+        "prefect",
+        "api-key",
+        &prefect.add_admin_key(),
+    )
+    .await;
+    c.create::<KeyProvider>(
+        "prefect",
+        json!({"prefect": {"apiURL": prefect.api_url(), "accountId": prefect.account_id(),
+               "apiKeySecretRef": {"name": "prefect", "key": "api-key"}}}),
+    )
+    .await;
+    c.start(Arc::new(DefaultFactory::default()));
+    c.create::<ServiceAccountKey>(
+        "agent",
+        json!({"providerRef": {"name": "prefect"}, "expiry": "720h",
+               "serviceAccount": {"name": "agent", "create": true}}),
+    )
+    .await;
+    let held = ready(&c.api::<ServiceAccountKey>(), "agent").await;
+    let (_, by_hand) = prefect.create_bot_in_ui("someone-elses");
+
+    let run = plugin(&["audit", "prefect", "-n", &ns, "--revoke", "--yes"]).await;
+    run.assert_code(0)
+        .assert_contains(&format!("kp/{ns}/prefect: 2 upstream key(s)"))
+        .assert_contains(&format!(
+            "no ServiceAccountKey of kp/{ns}/prefect names the service account someone-elses"
+        ))
+        .assert_contains("No orphans.");
+    assert!(
+        run.row("serviceaccountkey/agent")
+            .join(" ")
+            .ends_with("serviceaccountkey/agent current"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.row("someone-elses")
+            .join(" ")
+            .ends_with("<none> <none> unknown")
+    );
+    assert!(!run.stdout.contains("revoked"), "{}", run.stdout);
+    assert!(
+        prefect.authenticates(&by_hand),
+        "a bot no resource names is left alone"
+    );
+    assert_eq!(prefect.bots_named("agent").len(), 1);
+    let now = c
+        .api::<ServiceAccountKey>()
+        .get("agent")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(now.key_id, held.key_id);
 }

@@ -1247,3 +1247,54 @@ async fn orphan_recovery_never_revokes_the_credential_keyward_runs_on() {
         );
     }
 }
+
+/// `kubectl keyward audit` of a workload-identity provider authenticates as keyward's
+/// ServiceAccount (`--service-account`), as the operator does: it lists the key the
+/// ClusterKeyProvider issued, held. Without the flag it says what to pass.
+#[tokio::test]
+async fn audit_of_a_workload_identity_provider_authenticates_as_keyward() {
+    let (h, federation) = Harness::federated("ts-wif-audit").await;
+    h.create(
+        "edge",
+        json!({"providerRef": {"kind": "ClusterKeyProvider", "name": federation.provider},
+               "tags": ["tag:edge"], "expiry": "24h"}),
+    )
+    .await;
+    let key = h.ready("edge").await.key_id.unwrap();
+    let ns = h.ns.name.clone();
+    let provider = format!("ckp/{}", federation.provider);
+    // A separate process, awaited: the emulator answering it runs on this runtime.
+    let audit = |extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            provider.as_str(),
+            "--operator-namespace",
+            ns.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-keyward"))
+            .args(args)
+            .env("KUBECONFIG", common::plane().kubeconfig())
+            .env_remove("KEYWARD_OPERATOR_NAMESPACE")
+            .stdin(std::process::Stdio::null())
+            .output()
+    };
+    let run = audit(&["--service-account", "keyward", "-o", "json"])
+        .await
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let doc: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(doc["keys"].as_array().unwrap().len(), 1, "{doc}");
+    assert_eq!(doc["keys"][0]["id"], key.as_str());
+    assert_eq!(doc["keys"][0]["state"], "Current");
+    assert_eq!(doc["keys"][0]["resource"]["name"], "edge");
+
+    let without = audit(&[]).await.unwrap();
+    assert_eq!(without.status.code(), Some(2));
+    let message = String::from_utf8_lossy(&without.stderr);
+    assert!(message.contains("--service-account"), "{message}");
+}

@@ -1,5 +1,5 @@
 //! The kubectl plugin: kubectl runs this binary for `kubectl keyward …` when it is on
-//! PATH. The verbs live in [`keyward::cli`]; `keyward status|rotate|doctor` are the
+//! PATH. The verbs live in [`keyward::cli`]; `keyward status|rotate|doctor|audit` are the
 //! same code.
 
 use clap::Parser;
@@ -9,7 +9,7 @@ use clap::Parser;
     name = "kubectl-keyward",
     bin_name = "kubectl keyward",
     version,
-    about = "Status, rotation and health checks for keyward's AuthKeys and ServiceAccountKeys"
+    about = "Status, rotation, health checks and an upstream audit for keyward's AuthKeys and ServiceAccountKeys"
 )]
 struct Plugin {
     #[command(subcommand)]

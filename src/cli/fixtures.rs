@@ -37,5 +37,6 @@ pub fn key(name: &str, status: KeyStatus) -> Key {
         rotate_annotation: None,
         secret: name.into(),
         deleting: false,
+        service_account: None,
     }
 }

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::Error;
 use crate::{
     reconciler::ManagedKey,
-    resources::{AuthKey, KeyStatus, ProviderRef, ServiceAccountKey},
+    resources::{AuthKey, KeyStatus, ProviderKind, ProviderRef, ServiceAccountKey},
 };
 
 /// Which of the two key kinds.
@@ -66,6 +66,8 @@ pub struct Key {
     pub rotate_annotation: Option<String>,
     pub secret: String,
     pub deleting: bool,
+    /// `ServiceAccountKey`: the upstream principal (`spec.serviceAccount.name`).
+    pub service_account: Option<String>,
 }
 
 impl Key {
@@ -92,6 +94,7 @@ impl Key {
                 .and_then(|a| a.get(crate::lifecycle::ROTATE_ANNOTATION))
                 .cloned(),
             deleting: meta.deletion_timestamp.is_some(),
+            service_account: object.shape().service_account,
         }
     }
 
@@ -102,6 +105,40 @@ impl Key {
 
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status.conditions.iter().find(|c| c.type_ == type_)
+    }
+}
+
+/// A provider resource as the verbs name it: `kp/NAMESPACE/NAME` or `ckp/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProviderName {
+    pub kind: ProviderKind,
+    /// A `KeyProvider`'s namespace: every key that uses it lives there.
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ProviderName {
+    /// The provider `key` names.
+    pub fn of(key: &Key) -> Self {
+        Self {
+            kind: key.provider.kind,
+            namespace: (key.provider.kind == ProviderKind::KeyProvider)
+                .then(|| key.namespace.clone()),
+            name: key.provider.name.clone(),
+        }
+    }
+
+    /// `kp/NAMESPACE/NAME` or `ckp/NAME`.
+    pub fn subject(&self) -> String {
+        match (self.kind, &self.namespace) {
+            (ProviderKind::KeyProvider, Some(ns)) => format!("kp/{ns}/{}", self.name),
+            _ => format!("ckp/{}", self.name),
+        }
+    }
+
+    /// Whether `key` issues its keys through this provider.
+    pub fn serves(&self, key: &Key) -> bool {
+        Self::of(key) == *self
     }
 }
 

@@ -1,11 +1,13 @@
 //! `kubectl keyward` — the kubectl plugin, whose verbs are also `keyward`
-//! subcommands: `status`, `rotate` and `doctor`. What each shows and the decisions
-//! behind it: docs/kubectl-plugin.md.
+//! subcommands: `status`, `rotate`, `doctor` and `audit`. What each shows and the
+//! decisions behind it: docs/kubectl-plugin.md.
 //!
 //! The plugin reads the kubeconfig as kubectl does (`--kubeconfig`, `KUBECONFIG`,
-//! `--context`, the context's namespace, `-n`, `-A`) and only talks to the API
-//! server: it never needs the upstream credentials.
+//! `--context`, the context's namespace, `-n`, `-A`). Only `audit` talks to an
+//! upstream, with the provider's own credential read from its Secret; the other
+//! verbs only talk to the API server.
 
+pub mod audit;
 pub mod doctor;
 #[cfg(test)]
 mod fixtures;
@@ -30,6 +32,10 @@ pub enum Verb {
     /// Check CRDs, the operator, providers and your access; print what to fix and
     /// exit non-zero on a problem.
     Doctor(doctor::DoctorArgs),
+    /// List the upstream keys a provider's credential can see that carry keyward's
+    /// marker, with the resource each belongs to and whether it still holds it;
+    /// `--revoke` revokes the orphans.
+    Audit(audit::AuditArgs),
 }
 
 /// How to reach the cluster and what to print, as kubectl spells it.
@@ -51,6 +57,19 @@ pub struct Connection {
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = output::Format::Text)]
     pub output: output::Format,
+}
+
+/// Where keyward runs, as `keyward run --operator-namespace` says.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Operator {
+    /// Namespace of the operator (`keyward run --operator-namespace`): its leader
+    /// Lease and metrics Service, and the credential Secrets of ClusterKeyProviders.
+    #[arg(
+        long,
+        env = "KEYWARD_OPERATOR_NAMESPACE",
+        default_value = "keyward-system"
+    )]
+    pub operator_namespace: String,
 }
 
 /// Why a verb could not run.
@@ -106,12 +125,13 @@ impl Connection {
 }
 
 /// Runs a verb; the process exit code: 0 when all is well, 1 when a rotation timed
-/// out or doctor found a problem, 2 when the verb could not run.
+/// out, doctor found a problem or audit left orphans, 2 when the verb could not run.
 pub async fn run(verb: Verb) -> u8 {
     let result = match verb {
         Verb::Status(args) => status::run(args).await,
         Verb::Rotate(args) => rotate::run(args).await,
         Verb::Doctor(args) => doctor::run(args).await,
+        Verb::Audit(args) => audit::run(args).await,
     };
     match result {
         Ok(true) => 0,
@@ -120,5 +140,23 @@ pub async fn run(verb: Verb) -> u8 {
             eprintln!("error: {e}");
             2
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[derive(clap::Parser)]
+    struct Plugin {
+        #[command(subcommand)]
+        verb: super::Verb,
+    }
+
+    /// clap checks the definitions (unique argument names, valid defaults) only when
+    /// it builds the command.
+    #[test]
+    fn every_verb_is_a_valid_command() {
+        Plugin::command().debug_assert();
     }
 }

@@ -189,7 +189,8 @@ pub(crate) fn parse_time(value: Option<&str>) -> Option<Timestamp> {
 /// resources lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MarkedKey {
-    /// The id keyward holds in status for this key.
+    /// The key's id, as [`KeyApi::revoke`] takes it; revoking it revokes this key and
+    /// nothing else. Compare it with the ids in status through [`KeyApi::same_key`].
     pub id: String,
     /// The marker (`kw:<uid8>.<attempt>`), or where the upstream has no room for one
     /// (Prefect), the name keyward gave the principal.
@@ -249,6 +250,12 @@ pub trait KeyApi: Send + Sync {
     /// listed). Never the credential keyward itself runs on.
     async fn marked_keys(&self) -> Result<Vec<MarkedKey>, ProviderError> {
         Ok(Vec::new())
+    }
+    /// Whether `listed` (a [`MarkedKey::id`]) and `held` (an id a resource's status
+    /// holds) name the same upstream key: equal ids, unless the provider spells one
+    /// key more than one way (Prefect).
+    fn same_key(&self, listed: &str, held: &str) -> bool {
+        listed == held
     }
 }
 

@@ -774,18 +774,21 @@ impl KeyApi for Prefect {
         Ok(orphans)
     }
 
-    /// Every live key of every bot of the account. Prefect gives a bot no room for a
-    /// marker: the bot's name is what ties it to a `ServiceAccountKey`.
+    /// Every live key of every bot of the account, but those keyward discarded (they
+    /// expire within half a minute, and revoking one would only discard another).
+    /// Prefect gives a bot no room for a marker: the bot's name is what ties it to a
+    /// `ServiceAccountKey`. The ids are `unseen/…`: revoking a listed key deletes that
+    /// key or rotates it away, never the bot, whoever made it.
     async fn marked_keys(&self) -> Result<Vec<MarkedKey>, ProviderError> {
         let mut marked = Vec::new();
         for bot in self.bots(None).await? {
             let Some(inventory) = self.inventory(&bot.id).await? else {
                 continue;
             };
-            for key in inventory.keys() {
+            for key in inventory.keys().filter(|k| !k.is_discarded()) {
                 marked.push(MarkedKey {
                     id: KeyRef {
-                        mode: Mode::Created,
+                        mode: Mode::Unseen,
                         bot: bot.id.clone(),
                         key: key.id.clone(),
                     }
@@ -796,6 +799,14 @@ impl KeyApi for Prefect {
             }
         }
         Ok(marked)
+    }
+
+    /// The same bot and key, whether keyward created the bot, adopted it, or lists it.
+    fn same_key(&self, listed: &str, held: &str) -> bool {
+        match (KeyRef::parse(listed), KeyRef::parse(held)) {
+            (Some(a), Some(b)) => a.bot == b.bot && a.key == b.key,
+            _ => listed == held,
+        }
     }
 }
 
@@ -1145,7 +1156,8 @@ mod tests {
         assert_eq!(emulator.bots_named("kept").len(), 1);
     }
 
-    /// The inventory: every live key of every bot, named after its bot.
+    /// The inventory: every live key of every bot, named after its bot, each under an
+    /// id whose revocation never deletes the bot; never a key keyward discarded.
     #[tokio::test]
     async fn marked_keys_list_every_live_key_of_every_bot() {
         let emulator = Emulator::start().await;
@@ -1156,24 +1168,43 @@ mod tests {
         req.overlap = Duration::from_secs(60);
         let second = api.issue(&req).await.unwrap();
         let (ui_bot, _) = emulator.create_bot_in_ui("someone-elses");
-        let mut marked = api.marked_keys().await.unwrap();
-        marked.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut ids: Vec<(String, String)> = marked
-            .iter()
-            .map(|m| (m.id.clone(), m.marker.clone()))
-            .collect();
-        ids.sort();
+        async fn listed(api: &Prefect) -> Vec<(String, String)> {
+            let mut ids: Vec<(String, String)> = api
+                .marked_keys()
+                .await
+                .unwrap()
+                .into_iter()
+                .inspect(|m| assert!(m.created_at.is_some()))
+                .map(|m| (m.id, m.marker))
+                .collect();
+            ids.sort();
+            ids
+        }
+        let unseen = |id: &str| id.replacen("created/", "unseen/", 1);
+        let agent = |id: &str| (unseen(id), "agent".to_owned());
         let ui_key = emulator.bots_named("someone-elses")[0].active_key.clone();
-        let mut expected = vec![
-            (first.id.clone(), "agent".to_owned()),
-            (second.id.clone(), "agent".to_owned()),
-            (
-                format!("created/{ui_bot}/{ui_key}"),
-                "someone-elses".to_owned(),
-            ),
-        ];
+        let ui = (
+            format!("unseen/{ui_bot}/{ui_key}"),
+            "someone-elses".to_owned(),
+        );
+        let mut expected = vec![agent(&first.id), agent(&second.id), ui.clone()];
         expected.sort();
-        assert_eq!(ids, expected);
-        assert!(marked.iter().all(|m| m.created_at.is_some()));
+        assert_eq!(listed(&api).await, expected);
+        assert!(api.same_key(&unseen(&first.id), &first.id));
+        assert!(api.same_key(
+            &unseen(&second.id),
+            &second.id.replacen("created/", "adopted/", 1)
+        ));
+        assert!(!api.same_key(&unseen(&first.id), &second.id));
+
+        // Revoking the listed id of the bot's active key rotates it away: the bot and
+        // its rotated-away key stay, and the key keyward discarded is not listed.
+        api.revoke(&unseen(&second.id)).await.unwrap();
+        assert!(!emulator.authenticates(second.value.expose()));
+        assert!(emulator.authenticates(first.value.expose()));
+        assert_eq!(emulator.bots_named("agent").len(), 1);
+        let mut expected = vec![agent(&first.id), ui];
+        expected.sort();
+        assert_eq!(listed(&api).await, expected);
     }
 }

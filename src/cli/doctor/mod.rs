@@ -16,21 +16,15 @@ use jiff::Timestamp;
 use serde::Serialize;
 
 use super::{
-    Connection, Error,
+    Connection, Error, Operator,
     output::{Style, Tone, document},
 };
 
 /// `doctor [-n NS | -A]`.
 #[derive(clap::Args, Debug)]
 pub struct DoctorArgs {
-    /// Namespace of the operator: its leader Lease and metrics Service (`keyward run
-    /// --operator-namespace`).
-    #[arg(
-        long,
-        env = "KEYWARD_OPERATOR_NAMESPACE",
-        default_value = "keyward-system"
-    )]
-    pub operator_namespace: String,
+    #[command(flatten)]
+    pub operator: Operator,
     /// Name of the operator's leader Lease (`keyward run --lease-name`).
     #[arg(long, default_value = "keyward")]
     pub lease_name: String,
@@ -179,10 +173,24 @@ pub async fn run(args: DoctorArgs) -> Result<bool, Error> {
     let (client, namespace) = args.connection.connect().await?;
     let now = Timestamp::now();
     let mut findings = crds::check(&client).await;
-    findings
-        .extend(operator::check(&client, &args.operator_namespace, &args.lease_name, now).await);
+    findings.extend(
+        operator::check(
+            &client,
+            &args.operator.operator_namespace,
+            &args.lease_name,
+            now,
+        )
+        .await,
+    );
     findings.extend(providers::check(&client, namespace.as_deref()).await);
-    findings.extend(access::check(&client, namespace.as_deref(), &args.operator_namespace).await);
+    findings.extend(
+        access::check(
+            &client,
+            namespace.as_deref(),
+            &args.operator.operator_namespace,
+        )
+        .await,
+    );
     let problems = findings
         .iter()
         .filter(|f| f.verdict == Verdict::Problem)

@@ -9,7 +9,7 @@ use kube::{Api, Client, ResourceExt, api::ListParams};
 
 use super::{Area, Finding};
 use crate::{
-    cli::keys::{self, Key},
+    cli::keys::{self, Key, ProviderName},
     resources::{ClusterKeyProvider, KeyProvider, ProviderKind, ProviderStatus},
 };
 
@@ -46,28 +46,9 @@ pub fn provider_fix(reason: &str, kind: ProviderKind) -> String {
 
 /// A provider as doctor sees it.
 pub struct ProviderView {
-    pub kind: ProviderKind,
-    pub namespace: Option<String>,
-    pub name: String,
+    pub provider: ProviderName,
     pub generation: Option<i64>,
     pub status: Option<ProviderStatus>,
-}
-
-impl ProviderView {
-    fn subject(&self) -> String {
-        match (&self.kind, &self.namespace) {
-            (ProviderKind::KeyProvider, Some(ns)) => format!("kp/{ns}/{}", self.name),
-            _ => format!("ckp/{}", self.name),
-        }
-    }
-
-    /// Whether `key` names this provider.
-    fn serves(&self, key: &Key) -> bool {
-        key.provider.kind == self.kind
-            && key.provider.name == self.name
-            && (self.kind == ProviderKind::ClusterKeyProvider
-                || self.namespace.as_deref() == Some(key.namespace.as_str()))
-    }
 }
 
 /// The condition of `key` that blames its provider, if any.
@@ -95,19 +76,19 @@ pub fn provider_findings(providers: &[ProviderView], keys: &[Key]) -> Vec<Findin
             .unwrap_or_else(|| "unknown type".into());
         let blamed: Vec<(&Key, &Condition)> = keys
             .iter()
-            .filter(|k| p.serves(k))
+            .filter(|k| p.provider.serves(k))
             .filter_map(|k| provider_blame(k).map(|c| (k, c)))
             .collect();
         let finding = match ready {
             None => Finding::problem(
                 Area::Providers,
-                p.subject(),
+                p.provider.subject(),
                 "keyward has not reported on it",
                 "keyward reports on every provider it watches within seconds: check the operator above, and that its --namespaces include this one",
             ),
             Some(_) if observed < p.generation => Finding::problem(
                 Area::Providers,
-                p.subject(),
+                p.provider.subject(),
                 format!(
                     "its status describes generation {}, not the current {}",
                     observed.unwrap_or_default(),
@@ -117,15 +98,15 @@ pub fn provider_findings(providers: &[ProviderView], keys: &[Key]) -> Vec<Findin
             ),
             Some(c) if c.status != "True" => Finding::problem(
                 Area::Providers,
-                p.subject(),
+                p.provider.subject(),
                 format!("not Ready, {}: {}", c.reason, c.message),
-                provider_fix(&c.reason, p.kind),
+                provider_fix(&c.reason, p.provider.kind),
             ),
             Some(_) if !blamed.is_empty() => {
                 let (key, c) = blamed[0];
                 Finding::problem(
                     Area::Providers,
-                    p.subject(),
+                    p.provider.subject(),
                     format!(
                         "Ready, but {} key(s) cannot use it; {} {}/{}: {}: {}",
                         blamed.len(),
@@ -135,12 +116,12 @@ pub fn provider_findings(providers: &[ProviderView], keys: &[Key]) -> Vec<Findin
                         c.reason,
                         c.message
                     ),
-                    provider_fix(&c.reason, p.kind),
+                    provider_fix(&c.reason, p.provider.kind),
                 )
             }
             Some(c) => Finding::ok(
                 Area::Providers,
-                p.subject(),
+                p.provider.subject(),
                 format!("Ready ({kind_of}): {}", c.message),
             ),
         };
@@ -149,13 +130,10 @@ pub fn provider_findings(providers: &[ProviderView], keys: &[Key]) -> Vec<Findin
     // Keys naming a provider that does not exist.
     let mut missing: BTreeMap<(String, String), Vec<&Key>> = BTreeMap::new();
     for key in keys {
-        if !providers.iter().any(|p| p.serves(key))
+        if !providers.iter().any(|p| p.provider.serves(key))
             && provider_blame(key).is_some_and(|c| c.reason == "ProviderNotFound")
         {
-            let subject = match key.provider.kind {
-                ProviderKind::KeyProvider => format!("kp/{}/{}", key.namespace, key.provider.name),
-                ProviderKind::ClusterKeyProvider => format!("ckp/{}", key.provider.name),
-            };
+            let subject = ProviderName::of(key).subject();
             missing
                 .entry((subject, key.provider.name.clone()))
                 .or_default()
@@ -198,9 +176,11 @@ pub(super) async fn check(client: &Client, namespace: Option<&str>) -> Vec<Findi
     let mut findings = Vec::new();
     match namespaced.list(&ListParams::default()).await {
         Ok(list) => views.extend(list.items.into_iter().map(|p| ProviderView {
-            kind: ProviderKind::KeyProvider,
-            namespace: p.namespace(),
-            name: p.name_any(),
+            provider: ProviderName {
+                kind: ProviderKind::KeyProvider,
+                namespace: p.namespace(),
+                name: p.name_any(),
+            },
             generation: p.metadata.generation,
             status: p.status,
         })),
@@ -211,9 +191,11 @@ pub(super) async fn check(client: &Client, namespace: Option<&str>) -> Vec<Findi
         .await
     {
         Ok(list) => views.extend(list.items.into_iter().map(|p| ProviderView {
-            kind: ProviderKind::ClusterKeyProvider,
-            namespace: None,
-            name: p.name_any(),
+            provider: ProviderName {
+                kind: ProviderKind::ClusterKeyProvider,
+                namespace: None,
+                name: p.name_any(),
+            },
             generation: p.metadata.generation,
             status: p.status,
         })),
@@ -239,9 +221,11 @@ mod tests {
 
     fn provider(name: &str, ready: Option<Condition>) -> ProviderView {
         ProviderView {
-            kind: ProviderKind::KeyProvider,
-            namespace: Some("team".into()),
-            name: name.into(),
+            provider: ProviderName {
+                kind: ProviderKind::KeyProvider,
+                namespace: Some("team".into()),
+                name: name.into(),
+            },
             generation: Some(1),
             status: ready.map(|c| ProviderStatus {
                 conditions: vec![c],
