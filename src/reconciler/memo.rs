@@ -72,6 +72,23 @@ impl Memo {
         }
     }
 
+    /// Whether `seen` is exactly what this process last wrote of it: its own write,
+    /// coming back through the watch.
+    pub fn is_own_write<K: ManagedKey>(&self, seen: &K) -> bool {
+        let keys = self.keys.lock().expect("memo lock");
+        keys.get(&id(seen))
+            .is_some_and(|(written, _)| version(seen.resource_version()) == Some(*written))
+    }
+
+    /// Whether `seen` is exactly what this process last wrote of that Secret.
+    pub fn is_own_secret_write(&self, seen: &Secret) -> bool {
+        let id = secret_id(&seen.namespace().unwrap_or_default(), &seen.name_any());
+        let secrets = self.secrets.lock().expect("memo lock");
+        secrets
+            .get(&id)
+            .is_some_and(|(written, _)| version(seen.resource_version()) == Some(*written))
+    }
+
     /// A write of `key` failed in a way that leaves open whether it went through.
     pub fn doubt<K: ManagedKey>(&self, key: &K) {
         self.doubted.lock().expect("memo lock").insert(id(key));
@@ -201,6 +218,22 @@ mod tests {
             memo.freshest(&key("11", 1)).status.unwrap().revision,
             Some(1)
         );
+    }
+
+    #[test]
+    fn only_the_version_last_written_is_an_own_write() {
+        let memo = Memo::default();
+        memo.wrote(&key("12", 2));
+        assert!(memo.is_own_write(&key("12", 2)));
+        assert!(!memo.is_own_write(&key("13", 2)), "someone wrote since");
+        assert!(!memo.is_own_write(&key("11", 1)));
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("s".into());
+        secret.metadata.namespace = Some("ns".into());
+        secret.metadata.resource_version = Some("7".into());
+        assert!(!memo.is_own_secret_write(&secret));
+        memo.wrote_secret(&secret);
+        assert!(memo.is_own_secret_write(&secret));
     }
 
     #[test]
