@@ -161,7 +161,9 @@ async fn provider_ready(h: &Harness, status: &str) -> (String, String) {
 async fn the_example_issues_rotates_and_revokes_through_graphql() {
     let mut h = Harness::new("http-life").await;
     // The first upstream answers are a 429 with Retry-After and a 503: the shared
-    // transport waits and retries them within the same issuance.
+    // transport waits out the 429 and sends the create again; the create answered 503
+    // is not resent (it may have been carried out): the attempt is recovered by its
+    // marker once it can no longer land, and the next one succeeds.
     h.emulator.faults().inject(
         Fault::TooManyRequests {
             retry_after: Some(1),

@@ -86,6 +86,14 @@ pub enum Fault {
     Status(u16),
     /// 200 with a body that is not the JSON the endpoint documents.
     MalformedBody,
+    /// The request is carried out, then answered with this status instead (a gateway's
+    /// 502/504 in front of an API that did the work, or the API's own 500 after it).
+    StatusAfter(u16),
+    /// The request is carried out, then the connection breaks before the answer.
+    LostAnswer,
+    /// The request is carried out after this long, whether or not its caller is still
+    /// waiting (a create that lands after the caller gave up, or crashed).
+    Late(Duration),
 }
 
 /// One request as the emulator saw it.
@@ -101,8 +109,9 @@ pub struct RequestRecord {
 
 #[derive(Default)]
 struct FaultState {
-    /// Faults served in order, each to the next request whose path contains `.1`.
-    queue: VecDeque<(Fault, Option<String>)>,
+    /// Faults served in order, each to the next request whose method is `.1` (any
+    /// when `None`) and whose path contains `.2`.
+    queue: VecDeque<(Fault, Option<String>, Option<String>)>,
     delay: Duration,
     log: Vec<RequestRecord>,
 }
@@ -121,11 +130,18 @@ impl Faults {
     /// Serves `fault` to the next `times` requests (whose path contains `path`, when
     /// given), before anything queued later.
     pub fn inject(&self, fault: Fault, times: usize, path: Option<&str>) {
+        self.inject_for(fault, times, None, path);
+    }
+
+    /// [`Self::inject`], only for requests of `method` (`POST`, …) when given.
+    pub fn inject_for(&self, fault: Fault, times: usize, method: Option<&str>, path: Option<&str>) {
         let mut state = self.state.lock().unwrap();
         for _ in 0..times {
-            state
-                .queue
-                .push_back((fault.clone(), path.map(str::to_owned)));
+            state.queue.push_back((
+                fault.clone(),
+                method.map(str::to_owned),
+                path.map(str::to_owned),
+            ));
         }
     }
 
@@ -160,13 +176,15 @@ impl Faults {
             .count()
     }
 
-    fn take(&self, path: &str) -> (Option<Fault>, Duration) {
+    fn take(&self, method: &str, path: &str) -> (Option<Fault>, Duration) {
         let mut state = self.state.lock().unwrap();
-        let position = state
-            .queue
-            .iter()
-            .position(|(_, only)| only.as_deref().is_none_or(|p| path.contains(p)));
-        let fault = position.and_then(|i| state.queue.remove(i)).map(|(f, _)| f);
+        let position = state.queue.iter().position(|(_, m, p)| {
+            m.as_deref().is_none_or(|m| m == method)
+                && p.as_deref().is_none_or(|p| path.contains(p))
+        });
+        let fault = position
+            .and_then(|i| state.queue.remove(i))
+            .map(|(f, _, _)| f);
         (fault, state.delay)
     }
 
@@ -193,7 +211,7 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
 async fn fault_layer(State(faults): State<Arc<Faults>>, request: Request, next: Next) -> Response {
     let method = request.method().to_string();
     let path = request.uri().path().to_owned();
-    let (fault, delay) = faults.take(&path);
+    let (fault, delay) = faults.take(&method, &path);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
@@ -220,6 +238,35 @@ async fn fault_layer(State(faults): State<Arc<Faults>>, request: Request, next: 
             "{\"id\": \"k12",
         )
             .into_response(),
+        Some(Fault::StatusAfter(code)) => {
+            let _ = next.run(request).await;
+            error(
+                StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+                "bad gateway",
+            )
+        }
+        Some(Fault::LostAnswer) => {
+            let _ = next.run(request).await;
+            let broken = futures::stream::once(async {
+                Err::<axum::body::Bytes, _>(std::io::Error::other("connection lost"))
+            });
+            Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_LENGTH, "64")
+                .body(axum::body::Body::from_stream(broken))
+                .expect("a response")
+        }
+        Some(Fault::Late(delay)) => {
+            // Detached: the work happens even if the caller hangs up meanwhile.
+            let work = tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                next.run(request).await
+            });
+            match work.await {
+                Ok(response) => response,
+                Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "emulator task failed"),
+            }
+        }
     };
     faults.record(method, path, response.status().as_u16(), faulted);
     response

@@ -127,6 +127,9 @@ pub struct Options {
     /// Where the servers' ports come from; default: [`free_port`]. A picker that
     /// hands out a taken port shows that start-up recovers from losing one.
     pub ports: Option<PortPicker>,
+    /// Extra `kube-apiserver` flags, after keyward's own (e.g. an audit policy and log,
+    /// as `hack/bench` uses to count requests by user).
+    pub extra_apiserver_args: Vec<String>,
 }
 
 /// A running control plane. Dropping it stops every server.
@@ -218,6 +221,7 @@ impl ControlPlane {
             temp,
             options.ports.unwrap_or_else(|| Arc::new(|_| free_port())),
             &authority,
+            options.extra_apiserver_args,
         )?;
         let started = Instant::now();
         let server = processes.start_api(&files).await?;
@@ -490,6 +494,8 @@ struct Processes {
     probe: reqwest::Client,
     servers: Mutex<Vec<Server>>,
     watchdog: Mutex<Watchdog>,
+    /// `Options::extra_apiserver_args`.
+    extra_api_args: Vec<String>,
     _temp: Option<TempDir>,
 }
 
@@ -500,6 +506,7 @@ impl Processes {
         temp: Option<TempDir>,
         ports: PortPicker,
         authority: &certs::Authority,
+        extra_api_args: Vec<String>,
     ) -> Result<Self, Error> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let ca = reqwest::Certificate::from_pem(authority.cert_pem().as_bytes())
@@ -517,6 +524,7 @@ impl Processes {
             probe,
             servers: Mutex::new(Vec::new()),
             watchdog: Mutex::new(watchdog),
+            extra_api_args,
             _temp: temp,
         })
     }
@@ -569,7 +577,10 @@ impl Processes {
                     // On SIGTERM, end open watches (clients re-watch) instead of
                     // waiting up to a minute for their connections to go idle.
                     "--shutdown-watch-termination-grace-period=2s".into(),
-                ],
+                ]
+                .into_iter()
+                .chain(self.extra_api_args.iter().cloned())
+                .collect(),
             )?;
             let readyz = format!("{server}/readyz");
             self.until(&names, "kube-apiserver", async || {

@@ -8,16 +8,22 @@
 //! (`tests/simulation.rs`) drives the same planner against a model of the API server
 //! and the upstream.
 
+mod absorb;
+mod conditions;
+mod observe;
 mod plan;
 mod schedule;
 mod trigger;
 
 use serde::Serialize;
 
-pub use plan::{
+pub use absorb::absorb;
+pub use conditions::set_condition;
+pub use observe::{
     Done, Failure, IssuedFacts, KeyView, Note, Observed, Plan, ProviderView, ReadyProvider, Run,
-    SecretView, Step, Wake, absorb, issue_request, plan, request_for, set_condition,
+    SecretView, Step, Wake,
 };
+pub use plan::{issue_request, plan, request_for};
 pub use schedule::{
     DEFAULT_INSPECT_INTERVAL, DEFAULT_OVERLAP, MAX_BACKOFF, MIN_INSPECT_INTERVAL,
     MIN_RENEWAL_WINDOW, Renewal, Timing, after, backoff_after, backoff_until, inspect_interval,

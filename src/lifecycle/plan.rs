@@ -9,292 +9,24 @@
 //! edit fails the write instead of issuing twice; and the finalizer goes only after
 //! every key the resource holds, or may still hold, is revoked.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use jiff::Timestamp;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::{
-    ROTATE_ANNOTATION,
+    conditions::{set_condition, settle},
+    observe::{KeyView, Note, Observed, Plan, ProviderView, ReadyProvider, SecretView, Step, Wake},
     schedule::{
-        MIN_RENEWAL_WINDOW, Renewal, Timing, after, backoff_until, ceil_second, floor_second,
-        landing_deadline, next_inspection, overlap, renewal_time, send_by,
+        Renewal, after, backoff_until, ceil_second, floor_second, landing_deadline,
+        next_inspection, overlap, renewal_time, send_by,
     },
     trigger::{Trigger, TriggerInput, trigger},
 };
 use crate::{
-    providers::{Capabilities, IssueRequest, KeyShape, KeyState, Refusal},
-    resources::{DeletionPolicy, IssueAttempt, IssueBackoff, KeyStatus, RetiringKey, Rotation},
+    providers::{IssueRequest, Refusal},
+    resources::{DeletionPolicy, IssueAttempt, KeyStatus, RetiringKey},
 };
-
-/// The key resource as the planner needs it, whichever kind it is.
-#[derive(Clone, Debug, PartialEq)]
-pub struct KeyView {
-    pub uid: String,
-    pub generation: Option<i64>,
-    /// `metadata.deletionTimestamp` is set.
-    pub deleting: bool,
-    /// keyward's finalizer is on the object.
-    pub finalized: bool,
-    /// Value of `keyward.dev/rotate`, if set.
-    pub rotate_request: Option<String>,
-    /// Digest of the spec fields that shape the key and its Secret.
-    pub shape: String,
-    /// The Secret the spec names.
-    pub secret_name: String,
-    pub deletion_policy: DeletionPolicy,
-    pub rotation: Rotation,
-    /// What the upstream is asked for.
-    pub key_shape: KeyShape,
-    pub description: Option<String>,
-    /// `spec.expiry`.
-    pub requested_lifetime: Option<Duration>,
-}
-
-/// What keyward's own annotations on a Secret say about the key in it.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct SecretView {
-    /// The Secret object's own uid and version (what a delete and a write are
-    /// guarded by).
-    pub uid: Option<String>,
-    pub resource_version: Option<String>,
-    /// Digest of the Secret's data.
-    pub hash: String,
-    /// The key resource is the Secret's controlling owner.
-    pub owned: bool,
-    pub attempt: Option<String>,
-    pub key_id: Option<String>,
-    pub revision: Option<i64>,
-    pub created_at: Option<Timestamp>,
-    pub expires_at: Option<Timestamp>,
-    /// The attempt's shape digest, trigger reason and rotate request.
-    pub shape: Option<String>,
-    pub reason: Option<String>,
-    pub rotate_request: Option<String>,
-}
-
-/// The provider a key names, as far as the planner is concerned.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ProviderView {
-    /// Not looked up yet in this reconcile.
-    Unresolved,
-    /// Missing, or its credentials or configuration are wrong: nothing upstream can be
-    /// done. The reason says what to fix.
-    Unavailable(Refusal),
-    Ready(ReadyProvider),
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ReadyProvider {
-    pub caps: Capabilities,
-    /// The lifetime new keys are asked for.
-    pub lifetime: Option<Duration>,
-    /// Why no new key may be issued now (policy, lifetime bounds, the Secret template,
-    /// the provider's own check). Revoking and recovery still go ahead.
-    pub refusal: Option<Refusal>,
-}
-
-/// The non-secret facts of a key just issued; its value stays with the executor.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IssuedFacts {
-    pub id: String,
-    pub created_at: Timestamp,
-    pub expires_at: Option<Timestamp>,
-}
-
-/// A failed issuance.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Failure {
-    /// Condition reason (`IssueFailed`, or the refusal's reason).
-    pub reason: String,
-    pub message: String,
-    /// The upstream refused the request: nothing was created, nothing can land.
-    pub refused: bool,
-}
-
-/// What this reconcile has done so far.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Run {
-    /// The attempt this reconcile started (recorded in status, or for a local provider
-    /// only here) and may send.
-    pub attempt: Option<IssueAttempt>,
-    pub issued: Option<IssuedFacts>,
-    pub issue_failed: Option<Failure>,
-    pub orphans_failed: Option<String>,
-    /// Keys whose revocation failed in this reconcile, with the error.
-    pub revoke_failed: BTreeMap<String, String>,
-    pub inspected: bool,
-}
-
-/// Everything the planner looks at.
-#[derive(Clone, Debug)]
-pub struct Observed {
-    pub key: KeyView,
-    /// Status as the API server has it (as far as keyward knows).
-    pub stored: KeyStatus,
-    /// Status with what this reconcile has done folded in.
-    pub status: KeyStatus,
-    /// Secrets by name: the one the spec names, the one status names, the attempt's,
-    /// retired ones. Absent: not there (as far as the cache knows).
-    pub secrets: BTreeMap<String, SecretView>,
-    /// Secret names read from the API server in this reconcile, not from the cache.
-    pub fresh: BTreeSet<String>,
-    pub provider: ProviderView,
-    pub run: Run,
-    pub now: Timestamp,
-    pub timing: Timing,
-    /// The id a new attempt would get (random; supplied by the executor).
-    pub next_attempt_id: String,
-}
-
-impl Observed {
-    /// The Secrets the planner looks at: the one the spec names, the one status
-    /// names, the attempt's, retired ones.
-    pub fn secret_names(&self) -> BTreeSet<String> {
-        let s = &self.status;
-        [Some(self.key.secret_name.clone()), s.secret_name.clone()]
-            .into_iter()
-            .flatten()
-            .chain(s.attempt.iter().map(|a| a.secret_name.clone()))
-            .chain(s.retired_secrets.iter().cloned())
-            .collect()
-    }
-}
-
-/// When the reconciler should look at the key again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wake {
-    At(Timestamp),
-    /// Only when something changes.
-    Never,
-    /// Something failed that only retrying can fix: the controller's error backoff.
-    Retry,
-}
-
-/// One thing to do.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Step {
-    AddFinalizer,
-    /// Look the provider up (and build its key API).
-    Resolve,
-    /// Read this Secret from the API server: a trigger read off the cache is confirmed
-    /// before it issues, and cleanup makes sure of what it deletes.
-    ReadSecret(String),
-    /// Write `Plan::status`, guarded by the object's `resourceVersion`. `starts` is the
-    /// attempt this write records: once it is stored, its create may be sent.
-    WriteStatus {
-        starts: Option<IssueAttempt>,
-    },
-    /// Create a key upstream for `attempt`.
-    Issue {
-        request: Box<IssueRequest>,
-        attempt: IssueAttempt,
-    },
-    /// Write the key issued for `attempt` into its Secret, annotated with the attempt.
-    WriteSecret(IssueAttempt),
-    /// Find and revoke whatever an attempt that can no longer land left upstream.
-    RevokeOrphans(IssueAttempt),
-    Revoke(String),
-    Inspect(String),
-    /// Delete this Secret if the key resource controls it.
-    DeleteSecret(String),
-    /// Remove keyward's finalizer (guarded by `resourceVersion`).
-    ReleaseFinalizer,
-    Done(Wake),
-}
-
-/// Something worth an event (and a metric): decided here, published by the executor
-/// once the status that records it is written.
-#[derive(Clone, Debug, PartialEq)]
-pub enum Note {
-    Issued {
-        key_id: String,
-        secret: String,
-        trigger: Trigger,
-        previous: Option<String>,
-    },
-    Revoked {
-        key_id: String,
-        why: String,
-    },
-    RevokedOrphan {
-        key_id: String,
-        marker: String,
-    },
-    KeyInvalid {
-        key_id: String,
-        state: String,
-    },
-    /// `operation` is `issue`, `revoke`, `recover` or `resolve`.
-    Failed {
-        operation: &'static str,
-        reason: String,
-        message: String,
-    },
-}
-
-impl Note {
-    /// `(warning, reason, message)` of the event.
-    pub fn event(&self) -> (bool, String, String) {
-        match self {
-            Note::Issued {
-                key_id,
-                secret,
-                previous: None,
-                ..
-            } => (
-                false,
-                "Issued".into(),
-                format!("issued key {key_id} into Secret {secret}"),
-            ),
-            Note::Issued {
-                key_id,
-                secret,
-                trigger,
-                previous: Some(previous),
-            } => (
-                false,
-                "Rotated".into(),
-                format!(
-                    "rotated to key {key_id} in Secret {secret} ({}); previous key {previous} retires",
-                    trigger.reason()
-                ),
-            ),
-            Note::Revoked { key_id, why } => (
-                false,
-                "Revoked".into(),
-                format!("revoked key {key_id} ({why})"),
-            ),
-            Note::RevokedOrphan { key_id, marker } => (
-                false,
-                "RevokedOrphan".into(),
-                format!(
-                    "revoked upstream key {key_id}: issued by an interrupted attempt ({marker}) that never reached the Secret"
-                ),
-            ),
-            Note::KeyInvalid { key_id, state } => (
-                true,
-                "KeyInvalid".into(),
-                format!("the upstream reports key {key_id} as {state}"),
-            ),
-            Note::Failed {
-                reason, message, ..
-            } => (true, reason.clone(), message.clone()),
-        }
-    }
-}
-
-/// The next step, the status it is based on (the executor keeps it as its working
-/// status), and what it noted on the way.
-#[derive(Clone, Debug)]
-pub struct Plan {
-    pub status: KeyStatus,
-    pub step: Step,
-    pub notes: Vec<Note>,
-}
 
 /// What the next step is.
 pub fn plan(o: &Observed) -> Plan {
@@ -494,7 +226,7 @@ fn inspection(o: &Observed, p: &Plan, provider: &ReadyProvider) -> Option<Step> 
 }
 
 /// The renewal of the current key, if it expires.
-fn renewal(o: &Observed, s: &KeyStatus) -> Option<Renewal> {
+pub(super) fn renewal(o: &Observed, s: &KeyStatus) -> Option<Renewal> {
     let created = s.created_at.as_ref()?.0;
     let seed = format!("{}/{}", o.key.uid, s.revision.unwrap_or(0));
     renewal_time(
@@ -506,7 +238,7 @@ fn renewal(o: &Observed, s: &KeyStatus) -> Option<Renewal> {
 }
 
 /// What the trigger chain says now, for the status being planned.
-fn pending(o: &Observed, s: &KeyStatus) -> Option<Trigger> {
+pub(super) fn pending(o: &Observed, s: &KeyStatus) -> Option<Trigger> {
     trigger(&TriggerInput {
         status: s,
         shape: &o.key.shape,
@@ -672,152 +404,6 @@ fn wake(o: &Observed, s: &KeyStatus, provider: Option<&ReadyProvider>) -> Wake {
         .map_or(Wake::Never, Wake::At)
 }
 
-/// Renewal time, observed generation and conditions, from everything else.
-fn settle(o: &Observed, s: &mut KeyStatus, provider: Option<&ReadyProvider>) {
-    let renewal = renewal(o, s);
-    s.renewal_time = renewal.map(|r| Time(r.at));
-    s.observed_generation = o.key.generation;
-    let generation = o.key.generation;
-    let pending = pending(o, s);
-    let refusal = match (&o.provider, provider) {
-        (ProviderView::Unavailable(r), _) => Some(r),
-        (_, Some(p)) => p.refusal.as_ref(),
-        _ => None,
-    };
-    let (ready, reason, message) = readiness(o, s, pending, refusal);
-    set_condition(
-        &mut s.conditions,
-        "Ready",
-        ready,
-        &reason,
-        &message,
-        generation,
-        o.now,
-    );
-    let (issuing, reason, message) = match (&s.attempt, &s.backoff, pending) {
-        (Some(a), _, _) => (true, a.reason.clone(), "issuing a new key".to_owned()),
-        (None, Some(b), Some(_)) => (false, b.reason.clone(), b.message.clone()),
-        _ => (false, "Idle".into(), "no issuance in progress".into()),
-    };
-    set_condition(
-        &mut s.conditions,
-        "Issuing",
-        issuing,
-        &reason,
-        &message,
-        generation,
-        o.now,
-    );
-    let (degraded, reason, message) = degradation(o, s, pending, renewal);
-    set_condition(
-        &mut s.conditions,
-        "Degraded",
-        degraded,
-        &reason,
-        &message,
-        generation,
-        o.now,
-    );
-}
-
-fn readiness(
-    o: &Observed,
-    s: &KeyStatus,
-    pending: Option<Trigger>,
-    refusal: Option<&Refusal>,
-) -> (bool, String, String) {
-    let name = s.secret_name.as_deref().unwrap_or(&o.key.secret_name);
-    let Some(key_id) = s.key_id.as_deref() else {
-        return match (refusal, &s.backoff) {
-            (Some(r), _) => (false, r.reason.to_owned(), r.message.clone()),
-            (None, Some(b)) => (false, b.reason.clone(), b.message.clone()),
-            (None, None) => (false, "Initial".into(), "issuing the first key".into()),
-        };
-    };
-    if let Some(r) = refusal {
-        return (false, r.reason.to_owned(), r.message.clone());
-    }
-    let revision = s.revision.unwrap_or(0);
-    if let Some(state) = &s.invalid
-        && !o.key.rotation.reissue_when_invalid.unwrap_or(true)
-    {
-        return (
-            false,
-            "KeyInvalid".into(),
-            format!(
-                "the upstream reports key {key_id} (revision {revision}) as {state}; \
-                 rotation.reissueWhenInvalid is false, so keyward leaves it in Secret {name}: \
-                 set reissueWhenInvalid to true, or annotate {ROTATE_ANNOTATION} to issue a new key"
-            ),
-        );
-    }
-    match pending {
-        Some(t) if !t.current_key_stays_ready() => {
-            let (reason, why) = match &s.backoff {
-                Some(b) => (b.reason.clone(), b.message.clone()),
-                None => (
-                    t.reason().to_owned(),
-                    "a new key is being issued".to_owned(),
-                ),
-            };
-            (
-                false,
-                reason,
-                format!(
-                    "Secret {name} does not hold a key for the current spec ({}): {why}",
-                    t.reason()
-                ),
-            )
-        }
-        _ => (
-            true,
-            "Issued".into(),
-            format!("key {key_id} (revision {revision}) is in Secret {name}"),
-        ),
-    }
-}
-
-fn degradation(
-    o: &Observed,
-    s: &KeyStatus,
-    pending: Option<Trigger>,
-    renewal: Option<Renewal>,
-) -> (bool, String, String) {
-    if let Some((id, e)) = o.run.revoke_failed.iter().next() {
-        return (
-            true,
-            "RevokeFailed".into(),
-            format!("revoking key {id} failed: {e}"),
-        );
-    }
-    if let Some(e) = &o.run.orphans_failed {
-        return (
-            true,
-            "RecoveryFailed".into(),
-            format!("revoking what an interrupted issuance left upstream failed: {e}"),
-        );
-    }
-    if let (Some(b), Some(_)) = (&s.backoff, pending) {
-        return (true, b.reason.clone(), b.message.clone());
-    }
-    if renewal.is_some_and(|r| r.window_too_short) {
-        return (
-            true,
-            "RenewalWindowTooShort".into(),
-            format!(
-                "the renewal point (rotation.renewBefore or renewBeforePercentage) leaves less than {}s between issuing a key and renewing it; keyward renews {}s after issuance instead: lower renewBefore or lengthen expiry",
-                MIN_RENEWAL_WINDOW.as_secs(),
-                MIN_RENEWAL_WINDOW.as_secs()
-            ),
-        );
-    }
-    (
-        false,
-        "AsExpected".into(),
-        "all upstream calls succeeded".into(),
-    )
-}
-
 /// Delete: adopt what reached a Secret, wait out an attempt that may still land,
 /// revoke every key held (unless `Retain`), delete the Secrets, release the finalizer.
 fn plan_cleanup(o: &Observed, p: &mut Plan) -> Step {
@@ -937,183 +523,266 @@ fn cleanup_blocked(o: &Observed, p: &mut Plan, reason: &str, message: &str, wake
     Step::Done(wake)
 }
 
-/// What a step's result was, for [`absorb`].
-#[derive(Clone, Debug, PartialEq)]
-pub enum Done {
-    /// A write of the key object succeeded; the executor has replaced `key`,
-    /// `stored` (and `status`) with what the API server returned.
-    Written,
-    Resolved(ProviderView),
-    SecretRead(Option<SecretView>),
-    Issued(IssuedFacts),
-    IssueFailed(Failure),
-    SecretWritten(SecretView),
-    OrphansRevoked(Vec<String>),
-    OrphansFailed(String),
-    Revoked,
-    RevokeFailed(String),
-    Inspected(Result<KeyState, String>),
-    SecretDeleted,
-}
-
-/// Folds the result of `step` into what the planner sees next, and returns what is
-/// worth noting.
-pub fn absorb(o: &mut Observed, step: &Step, done: Done) -> Vec<Note> {
-    let mut notes = Vec::new();
-    match (step, done) {
-        (Step::WriteStatus { starts }, Done::Written) => {
-            if starts.is_some() {
-                o.run.attempt = starts.clone();
-                o.run.issued = None;
-            }
-        }
-        (_, Done::Written) => {}
-        (_, Done::Resolved(view)) => o.provider = view,
-        (Step::ReadSecret(name), Done::SecretRead(view)) => {
-            o.fresh.insert(name.clone());
-            set_secret(o, name, view);
-        }
-        (Step::Issue { attempt, .. }, Done::Issued(facts)) => {
-            o.run.attempt = Some(attempt.clone());
-            o.run.issued = Some(facts);
-        }
-        (Step::Issue { attempt, .. }, Done::IssueFailed(failure)) => {
-            o.run.attempt = Some(attempt.clone());
-            issue_failed(o, &failure);
-            notes.push(Note::Failed {
-                operation: "issue",
-                reason: failure.reason.clone(),
-                message: failure.message.clone(),
-            });
-            o.run.issue_failed = Some(failure);
-        }
-        (Step::WriteSecret(attempt), Done::SecretWritten(view)) => {
-            o.fresh.insert(attempt.secret_name.clone());
-            set_secret(o, &attempt.secret_name, Some(view));
-        }
-        (Step::RevokeOrphans(attempt), Done::OrphansRevoked(ids)) => {
-            if o.status
-                .attempt
-                .as_ref()
-                .is_some_and(|a| a.id == attempt.id)
-            {
-                o.status.attempt = None;
-            }
-            notes.extend(ids.into_iter().map(|key_id| Note::RevokedOrphan {
-                key_id,
-                marker: attempt.marker.clone(),
-            }));
-        }
-        (Step::RevokeOrphans(_), Done::OrphansFailed(e)) => {
-            notes.push(Note::Failed {
-                operation: "recover",
-                reason: "RecoveryFailed".into(),
-                message: format!("revoking what an interrupted issuance left upstream failed: {e}"),
-            });
-            o.run.orphans_failed = Some(e);
-        }
-        (Step::Revoke(id), Done::Revoked) => {
-            let s = &mut o.status;
-            let why = s
-                .retiring
-                .iter()
-                .find(|r| r.key_id == *id)
-                .map(|r| format!("previous key, {}", r.reason))
-                .unwrap_or_else(|| "on delete".to_owned());
-            s.retiring.retain(|r| r.key_id != *id);
-            if s.key_id.as_deref() == Some(id.as_str()) {
-                s.key_id = None;
-            }
-            notes.push(Note::Revoked {
-                key_id: id.clone(),
-                why,
-            });
-        }
-        (Step::Revoke(id), Done::RevokeFailed(e)) => {
-            notes.push(Note::Failed {
-                operation: "revoke",
-                reason: "RevokeFailed".into(),
-                message: format!("revoking key {id} failed: {e}"),
-            });
-            o.run.revoke_failed.insert(id.clone(), e);
-        }
-        (Step::Inspect(id), Done::Inspected(result)) => {
-            o.run.inspected = true;
-            o.status.last_inspected_at = Some(Time(floor_second(o.now)));
-            if let Ok(state @ (KeyState::Expired | KeyState::Revoked | KeyState::UsedUp)) = result {
-                let state = format!("{state:?}");
-                notes.push(Note::KeyInvalid {
-                    key_id: id.clone(),
-                    state: state.clone(),
-                });
-                o.status.invalid = Some(state);
-            }
-        }
-        (Step::DeleteSecret(name), Done::SecretDeleted) => {
-            o.fresh.insert(name.clone());
-            o.secrets.remove(name);
-            o.status.retired_secrets.retain(|n| n != name);
-        }
-        (step, done) => debug_assert!(false, "{done:?} is not a result of {step:?}"),
-    }
-    notes
-}
-
-fn set_secret(o: &mut Observed, name: &str, view: Option<SecretView>) {
-    match view {
-        Some(v) => {
-            o.secrets.insert(name.to_owned(), v);
-        }
-        None => {
-            o.secrets.remove(name);
-        }
-    }
-}
-
-/// A failed issuance backs the next one off; a refusal issued nothing, so its
-/// attempt is over (and nothing someone else owns is ever taken for its orphan).
-fn issue_failed(o: &mut Observed, failure: &Failure) {
-    let s = &mut o.status;
-    if failure.refused {
-        s.attempt = None;
-    }
-    let failures = s.backoff.as_ref().map_or(0, |b| b.failures) + 1;
-    s.backoff = Some(IssueBackoff {
-        failures,
-        last_failure_time: Time(floor_second(o.now)),
-        generation: o.key.generation,
-        rotate_request: o.key.rotate_request.clone(),
-        reason: failure.reason.clone(),
-        message: failure.message.clone(),
-    });
-}
-
-/// Sets a condition, keeping `lastTransitionTime` when the status did not change.
-pub fn set_condition(
-    conditions: &mut Vec<Condition>,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let status = if status { "True" } else { "False" }.to_owned();
-    let existing = conditions.iter().position(|c| c.type_ == type_);
-    let transition = match existing.map(|i| &conditions[i]) {
-        Some(c) if c.status == status => c.last_transition_time.clone(),
-        _ => Time(floor_second(now)),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        lifecycle::{Done, IssuedFacts, Run, absorb, schedule::Timing},
+        providers::{Capabilities, KeyShape},
+        resources::Rotation,
     };
-    let condition = Condition {
-        type_: type_.to_owned(),
-        status,
-        reason: reason.to_owned(),
-        message: message.to_owned(),
-        observed_generation: generation,
-        last_transition_time: transition,
-    };
-    match existing {
-        Some(i) => conditions[i] = condition,
-        None => conditions.push(condition),
+    use std::collections::BTreeMap;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn observed(local: bool) -> Observed {
+        Observed {
+            key: KeyView {
+                uid: "0b6e7c2a-1f0e-4c49-9a7e-2a8f0c1d2e3f".into(),
+                generation: Some(1),
+                deleting: false,
+                finalized: true,
+                rotate_request: None,
+                shape: "shape-1".into(),
+                secret_name: "k".into(),
+                deletion_policy: DeletionPolicy::Revoke,
+                rotation: Rotation::default(),
+                key_shape: KeyShape::default(),
+                description: None,
+                requested_lifetime: Some(Duration::from_secs(86400)),
+            },
+            stored: KeyStatus::default(),
+            status: KeyStatus::default(),
+            secrets: BTreeMap::new(),
+            fresh: BTreeSet::new(),
+            provider: ProviderView::Ready(ReadyProvider {
+                caps: Capabilities {
+                    local,
+                    listing: !local,
+                    ..Default::default()
+                },
+                lifetime: Some(Duration::from_secs(86400)),
+                refusal: None,
+            }),
+            run: Run::default(),
+            now: ts("2026-03-01T00:00:00Z"),
+            timing: Timing::with_deadline(Duration::from_secs(4)),
+            next_attempt_id: "a1".into(),
+        }
+    }
+
+    /// The Secret the executor would have written for `attempt`.
+    fn written(attempt: &IssueAttempt, key_id: &str, now: Timestamp) -> SecretView {
+        SecretView {
+            uid: Some("s-uid".into()),
+            resource_version: Some("1".into()),
+            hash: format!("hash-{key_id}"),
+            owned: true,
+            attempt: Some(attempt.id.clone()),
+            key_id: Some(key_id.into()),
+            revision: Some(attempt.revision),
+            created_at: Some(now),
+            expires_at: Some(after(now, Duration::from_secs(86400))),
+            shape: Some(attempt.shape.clone()),
+            reason: Some(attempt.reason.clone()),
+            rotate_request: attempt.rotate_request.clone(),
+        }
+    }
+
+    /// Plans and carries out steps with ideal results until the plan is done.
+    fn run_to_done(o: &mut Observed, key_id: &str) -> Vec<&'static str> {
+        let mut steps = Vec::new();
+        for _ in 0..20 {
+            let p = plan(o);
+            o.status = p.status.clone();
+            let done = match &p.step {
+                Step::Done(_) => return steps,
+                Step::WriteStatus { .. } => {
+                    o.stored = o.status.clone();
+                    steps.push("WriteStatus");
+                    Done::Written
+                }
+                Step::Issue { .. } => {
+                    steps.push("Issue");
+                    Done::Issued(IssuedFacts {
+                        id: key_id.into(),
+                        created_at: o.now,
+                        expires_at: None,
+                    })
+                }
+                Step::WriteSecret(a) => {
+                    steps.push("WriteSecret");
+                    Done::SecretWritten(written(a, key_id, o.now))
+                }
+                other => panic!("unexpected {other:?}"),
+            };
+            absorb(o, &p.step, done);
+        }
+        panic!("did not finish: {steps:?}");
+    }
+
+    #[test]
+    fn a_local_key_is_minted_then_written_then_recorded() {
+        let mut o = observed(true);
+        assert_eq!(
+            run_to_done(&mut o, "k1"),
+            ["Issue", "WriteSecret", "WriteStatus"]
+        );
+        assert_eq!(o.stored.key_id.as_deref(), Some("k1"));
+        assert!(o.stored.is_ready());
+    }
+
+    #[test]
+    fn an_upstream_key_is_recorded_before_it_is_issued() {
+        let mut o = observed(false);
+        let steps = run_to_done(&mut o, "k1");
+        assert_eq!(
+            steps,
+            ["WriteStatus", "Issue", "WriteSecret", "WriteStatus"]
+        );
+        assert!(o.stored.attempt.is_none() && o.stored.is_ready());
+    }
+
+    #[test]
+    fn an_attempt_from_an_earlier_run_waits_out_its_landing_window() {
+        let mut o = observed(false);
+        let attempt = IssueAttempt {
+            id: "old".into(),
+            marker: "kw:0b6e7c2a.old".into(),
+            reason: "Initial".into(),
+            started_at: Time(o.now),
+            shape: "shape-1".into(),
+            rotate_request: None,
+            secret_name: "k".into(),
+            revision: 1,
+        };
+        o.status.attempt = Some(attempt.clone());
+        // The conditions it settles to are written once.
+        let settled = plan(&o);
+        assert_eq!(settled.step, Step::WriteStatus { starts: None });
+        o.status = settled.status;
+        o.stored = o.status.clone();
+        let deadline = landing_deadline(&attempt, &o.timing);
+        assert_eq!(
+            plan(&o).step,
+            Step::Done(Wake::At(deadline)),
+            "no new attempt meanwhile"
+        );
+        o.now = deadline;
+        assert_eq!(
+            plan(&o).step,
+            Step::ReadSecret("k".into()),
+            "the Secret is looked at first"
+        );
+        o.fresh.insert("k".into());
+        assert_eq!(plan(&o).step, Step::RevokeOrphans(attempt));
+    }
+
+    #[test]
+    fn adoption_records_what_the_attempt_was_for_and_the_newer_spec_rotates() {
+        let mut o = observed(false);
+        let attempt = IssueAttempt {
+            id: "old".into(),
+            marker: "kw:0b6e7c2a.old".into(),
+            reason: "Initial".into(),
+            started_at: Time(o.now),
+            shape: "shape-1".into(),
+            rotate_request: Some("r1".into()),
+            secret_name: "k".into(),
+            revision: 1,
+        };
+        o.status.attempt = Some(attempt.clone());
+        o.stored = o.status.clone();
+        o.secrets.insert("k".into(), written(&attempt, "k1", o.now));
+        o.key.shape = "shape-2".into();
+        o.key.generation = Some(2);
+        let p = plan(&o);
+        assert_eq!(p.status.shape.as_deref(), Some("shape-1"));
+        assert_eq!(p.status.rotate_request.as_deref(), Some("r1"));
+        match &p.step {
+            Step::WriteStatus { starts: Some(next) } => {
+                assert_eq!(next.reason, "SpecChanged");
+                assert_eq!(next.shape, "shape-2");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !p.status.is_ready(),
+            "not Ready for generation 2 with a key of 1"
+        );
+    }
+
+    #[test]
+    fn deletion_never_releases_the_finalizer_while_a_create_may_land() {
+        let mut o = observed(false);
+        o.key.deleting = true;
+        o.status.attempt = Some(IssueAttempt {
+            id: "x".into(),
+            marker: "kw:0b6e7c2a.x".into(),
+            reason: "Initial".into(),
+            started_at: Time(o.now),
+            shape: "shape-1".into(),
+            rotate_request: None,
+            secret_name: "k".into(),
+            revision: 1,
+        });
+        o.stored = o.status.clone();
+        let p = plan(&o);
+        assert!(
+            matches!(p.step, Step::WriteStatus { .. } | Step::Done(Wake::At(_))),
+            "{:?}",
+            p.step
+        );
+        assert!(!matches!(p.step, Step::ReleaseFinalizer));
+    }
+
+    #[test]
+    fn failures_back_off_until_the_spec_changes() {
+        let mut o = observed(false);
+        o.status.backoff = Some(crate::resources::IssueBackoff {
+            failures: 3,
+            last_failure_time: Time(o.now),
+            generation: Some(1),
+            rotate_request: None,
+            reason: "IssueFailed".into(),
+            message: "503".into(),
+        });
+        o.stored = o.status.clone();
+        let p = plan(&o);
+        assert!(
+            !matches!(p.step, Step::WriteStatus { starts: Some(_) }),
+            "{:?}",
+            p.step
+        );
+        o.key.generation = Some(2);
+        assert!(matches!(
+            plan(&o).step,
+            Step::WriteStatus { starts: Some(_) }
+        ));
+    }
+
+    #[test]
+    fn a_refusal_issues_nothing_and_says_why() {
+        let mut o = observed(false);
+        if let ProviderView::Ready(p) = &mut o.provider {
+            p.refusal = Some(Refusal {
+                reason: "TagNotAllowed",
+                message: "tag:x is not allowed".into(),
+            });
+        }
+        let p = plan(&o);
+        assert_eq!(p.step, Step::WriteStatus { starts: None });
+        let ready = p
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "TagNotAllowed")
+        );
     }
 }

@@ -375,20 +375,24 @@ impl Http {
         if body.is_some() && !headers.contains_key(CONTENT_TYPE) {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        let reply = self
-            .shared
-            .transport
-            .send(op.name, |client| {
-                let request = client
-                    .request(op.method.clone(), url.clone())
-                    .headers(headers.clone());
-                match &body {
-                    Some(b) => request.body(b.clone()),
-                    None => request,
-                }
-            })
-            .await
-            .map_err(|e| self.redact_error(e))?;
+        let build = |client: &reqwest::Client| {
+            let request = client
+                .request(op.method.clone(), url.clone())
+                .headers(headers.clone());
+            match &body {
+                Some(b) => request.body(b.clone()),
+                None => request,
+            }
+        };
+        // Inspecting and listing change nothing, whatever the method (a GraphQL query
+        // is a POST): they may go again after a 5xx. Issue and revoke follow the method.
+        let transport = &self.shared.transport;
+        let sent = if matches!(op.name, "inspect" | "list") {
+            transport.send_query(op.name, build).await
+        } else {
+            transport.send(op.name, build).await
+        };
+        let reply = sent.map_err(|e| self.redact_error(e))?;
 
         let status = reply.status;
         if op.gone.contains(&status) {

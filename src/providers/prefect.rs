@@ -255,19 +255,22 @@ impl Prefect {
         body: Option<Value>,
     ) -> Result<Reply, ProviderError> {
         let url = format!("{}/accounts/{}/{path}", self.api_url, self.account_id);
-        let reply = self
-            .shared
-            .transport
-            .send(operation, |client| {
-                let mut request = client
-                    .request(method.clone(), &url)
-                    .bearer_auth(self.api_key.expose());
-                if let Some(body) = &body {
-                    request = request.json(body);
-                }
-                request
-            })
-            .await?;
+        let build = |client: &reqwest::Client| {
+            let mut request = client
+                .request(method.clone(), &url)
+                .bearer_auth(self.api_key.expose());
+            if let Some(body) = &body {
+                request = request.json(body);
+            }
+            request
+        };
+        // Prefect's `…/filter` endpoints are searches sent as POST: safe to resend.
+        let transport = &self.shared.transport;
+        let reply = if path.ends_with("/filter") {
+            transport.send_query(operation, build).await?
+        } else {
+            transport.send(operation, build).await?
+        };
         if matches!(reply.status, 401 | 403) {
             return Err(ProviderError::Refused {
                 reason: "CredentialsInvalid",

@@ -367,7 +367,7 @@ impl Tailscale {
         let url = self.oauth_url(endpoint);
         self.shared
             .transport
-            .send(operation, |c: &Client| {
+            .send_query(operation, |c: &Client| {
                 c.post(url.clone())
                     .header(
                         reqwest::header::CONTENT_TYPE,

@@ -199,14 +199,38 @@ impl Transport {
     }
 
     /// Sends the request `build` makes (called again for every attempt), within the
-    /// budget, retrying 429, 5xx and connection failures. Returns 2xx and 4xx answers
-    /// for the provider to interpret. A POST or PATCH whose answer was lost after it
-    /// was sent (a timeout, a broken body) is not sent again: it may have created a
-    /// key, and a second one would carry the same marker unseen. It fails instead,
-    /// the issuance attempt stays recorded, and orphan recovery finds what it made.
+    /// budget, retrying 429 and connection failures, and 5xx for requests that may be
+    /// sent again. Returns 2xx and 4xx answers for the provider to interpret.
+    ///
+    /// A POST or PATCH is not sent again once it reached the upstream: whether its
+    /// answer was lost (a timeout, a reset) or was a 5xx — a gateway's 502 or 504 in
+    /// front of a real API, or the API's own 500 after it stored the key — it may have
+    /// created a key, and a second one would carry the same marker unseen. It fails
+    /// instead; the issuance attempt stays recorded, and recovery finds what it made
+    /// by its marker once it can no longer land. A 429 is a refusal to process, so it
+    /// is waited out and sent again. Read-only POSTs (queries) use [`Self::send_query`].
     pub async fn send(
         &self,
         operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<Reply, ProviderError> {
+        self.send_with(operation, None, build).await
+    }
+
+    /// [`Self::send`] for a request that changes nothing upstream whatever its method
+    /// (a search, a GraphQL query, an OAuth token request): it may always go again.
+    pub async fn send_query(
+        &self,
+        operation: &'static str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<Reply, ProviderError> {
+        self.send_with(operation, Some(true), build).await
+    }
+
+    async fn send_with(
+        &self,
+        operation: &'static str,
+        replayable: Option<bool>,
         build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<Reply, ProviderError> {
         let mut last = String::new();
@@ -214,7 +238,15 @@ impl Transport {
             self.budget.take().await;
             let started = Instant::now();
             let outcome = match build(&self.client).build() {
-                Ok(request) => self.attempt(request).await,
+                Ok(request) => {
+                    let replayable = replayable.unwrap_or_else(|| {
+                        !matches!(
+                            *request.method(),
+                            reqwest::Method::POST | reqwest::Method::PATCH
+                        )
+                    });
+                    self.attempt(request, replayable).await
+                }
                 Err(e) => Outcome::Failed(format!("error: {}", transport_error(&e))),
             };
             let code = match &outcome {
@@ -257,11 +289,7 @@ impl Transport {
         )))
     }
 
-    async fn attempt(&self, request: reqwest::Request) -> Outcome {
-        let replayable = !matches!(
-            *request.method(),
-            reqwest::Method::POST | reqwest::Method::PATCH
-        );
+    async fn attempt(&self, request: reqwest::Request, replayable: bool) -> Outcome {
         let lost = |why: String| {
             if replayable {
                 Outcome::Retry {
@@ -305,6 +333,12 @@ impl Transport {
                 // Without Retry-After a 429 still pauses everyone, for one backoff.
                 retry_after: Some(retry_after.unwrap_or(BASE_BACKOFF * 4)),
             };
+        }
+        if status >= 500 && !replayable {
+            return Outcome::Failed(format!(
+                "{status} upstream failure ({}); not sent again, it may have been carried out",
+                reply.message()
+            ));
         }
         if status >= 500 {
             return Outcome::Retry {
@@ -552,6 +586,51 @@ mod tests {
             .unwrap_err();
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "sent once: {err}");
         assert!(!err.to_string().contains("pw"), "{err}");
+    }
+
+    /// Finding 3 of the lifecycle-correctness work: a create answered with a 5xx was
+    /// sent again, and the first key (carried out before the 5xx) was never revoked.
+    #[tokio::test]
+    async fn a_create_answered_with_a_5xx_is_not_sent_again_but_a_query_is() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/keys", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = socket.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let answer = "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\n\r\n";
+                        let _ = socket.write_all(answer.as_bytes()).await;
+                    }
+                });
+            }
+        });
+        let transport = Transport::new("test", None);
+        let err = transport
+            .send("create key", |c| c.post(&url).body("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "sent once: {err}");
+        assert!(err.to_string().contains("502"), "{err}");
+        requests.store(0, Ordering::SeqCst);
+        let _ = transport
+            .send_query("find keys", |c| c.post(&url).body("{}"))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            MAX_ATTEMPTS as usize,
+            "a query is retried"
+        );
     }
 
     #[tokio::test]

@@ -157,7 +157,8 @@ pub enum DeletionPolicy {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) + duration('10s') <= duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry by at least 10s: keyward renews a key that long after issuing it at the earliest, and a shorter window would renew it as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBeforePercentage) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry).getSeconds() * (100 - self.rotation.renewBeforePercentage) >= 1000").message("rotation.renewBeforePercentage leaves less than 10s of the lifetime between issuing a key and renewing it: lower the percentage or lengthen expiry"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
 pub struct AuthKeySpec {
@@ -255,7 +256,8 @@ fn default_true() -> bool {
     )
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) < duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry, or the key would be renewed as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBefore) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.renewBefore.matches('^([0-9]+[hms])+$') || duration(self.rotation.renewBefore) + duration('10s') <= duration(self.expiry)").message("rotation.renewBefore must be shorter than expiry by at least 10s: keyward renews a key that long after issuing it at the earliest, and a shorter window would renew it as soon as it is issued"))]
+#[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBeforePercentage) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry).getSeconds() * (100 - self.rotation.renewBeforePercentage) >= 1000").message("rotation.renewBeforePercentage leaves less than 10s of the lifetime between issuing a key and renewing it: lower the percentage or lengthen expiry"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
 pub struct ServiceAccountKeySpec {

@@ -39,7 +39,9 @@ pub(crate) use cluster_harness;
 
 // Not every test binary uses every helper.
 #[allow(unused_imports)]
-pub use harness::{Cluster, Controller, WAIT, apply, condition, gone, ready, status_where};
+pub use harness::{
+    Cluster, Controller, TEST_TIMING, WAIT, apply, condition, gone, ready, status_where,
+};
 
 use std::sync::OnceLock;
 
