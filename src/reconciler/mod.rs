@@ -291,7 +291,7 @@ impl<K: ManagedKey> Triggers<K> {
 /// Besides saving a reconcile, this keeps a key's status event, should it overtake
 /// its Secret's, from finding the Secret missing in a cache that lags behind.
 fn echo<K: ManagedKey>(world: &KubeWorld, key: &K) -> bool {
-    let own = world.memo().is_own_write(key);
+    let own = world.memo().seen(key);
     if own && key.meta().deletion_timestamp.is_none() {
         metrics::global().key_observed(&KeyRef::of(key), key.key_status());
     }
@@ -326,7 +326,7 @@ async fn run_kind<K: ManagedKey>(
         futures::future::ready(!matches!(event, Ok(k) if echo(&keys_written, k)))
     });
     let secrets = triggers.secrets.filter(move |event| {
-        let echo = matches!(event, Ok(s) if secrets_written.memo().is_own_secret_write(s));
+        let echo = matches!(event, Ok(s) if secrets_written.memo().seen_secret(s));
         futures::future::ready(!echo)
     });
     Controller::for_stream(own, triggers.keys)
