@@ -15,12 +15,12 @@ use std::{
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
-    runtime::events::{Recorder, Reporter},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 
 use crate::{
+    events::Recorder,
     lifecycle::{Timing, backoff_after},
     providers::{ProviderError, ProviderFactory},
 };
@@ -142,13 +142,7 @@ impl Context {
         faults: Arc<dyn Faults>,
         settings: Settings,
     ) -> Arc<Self> {
-        let recorder = Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "keyward".into(),
-                instance: std::env::var("POD_NAME").ok(),
-            },
-        );
+        let recorder = Recorder::new(client.clone(), "keyward", std::env::var("POD_NAME").ok());
         Arc::new(Self {
             client,
             factory,

@@ -42,8 +42,12 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         .await
         .context("creating the builtin ClusterKeyProvider")?;
 
+    // The controller's own client, as `keyward run` builds it: it names keyward.
+    let kubeconfig = kube::config::Kubeconfig::read_from(plane.kubeconfig())?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let operator = Client::try_from(keyward::client::identify(config))?;
     let ctx = Context::new(
-        client.clone(),
+        operator,
         Arc::new(DefaultFactory::default()),
         Arc::new(NoFaults),
         Settings {

@@ -4,9 +4,11 @@
 //! `keyward dev` drive the same code as production.
 
 pub mod cli;
+pub mod client;
 pub mod context;
 pub mod control_plane;
 pub mod crds;
+pub mod events;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;

@@ -196,6 +196,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = kube::Config::infer()
         .await
         .context("loading the Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let config = keyward::client::identify(config);
     // Leader election gets a client of its own, outside the request budget: a
     // backlog of reconcile traffic must never delay the renewals that keep the Lease
     // (client-go does the same).

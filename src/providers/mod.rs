@@ -1,8 +1,9 @@
 //! The key APIs keyward issues keys through: one trait, one module per provider.
 //!
-//! A provider is built per reconcile from the provider resource and the credentials
-//! read from its Secret at that moment, so a changed credential Secret takes effect
-//! on the next reconcile without any cache to invalidate.
+//! A provider is built from the provider resource and the credentials read from its
+//! Secret at that moment; `crate::resolve` keeps what was built across reconciles and
+//! says when it is built again (a spec change, a refused credential, the provider
+//! status controller's periodic look).
 
 mod builtin;
 mod http;

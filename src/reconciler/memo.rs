@@ -52,6 +52,21 @@ fn secret_id(namespace: &str, name: &str) -> String {
     format!("{namespace}/{name}")
 }
 
+/// Forgets the write under `id` if `seen` is as new or newer; whether it is that write.
+fn caught_up<T>(written: &mut HashMap<String, (u64, T)>, id: String, seen: Option<u64>) -> bool {
+    let Some(seen) = seen else {
+        return false;
+    };
+    match written.get(&id) {
+        Some((at, _)) if *at <= seen => {
+            let own = *at == seen;
+            written.remove(&id);
+            own
+        }
+        _ => false,
+    }
+}
+
 impl Memo {
     /// The newer of `cached` and what this process last wrote of it.
     pub fn freshest<K: ManagedKey>(&self, cached: &K) -> K {
@@ -70,6 +85,21 @@ impl Memo {
                 cached.clone()
             }
         }
+    }
+
+    /// The watch delivered `seen`, so the cache holds it: what this process wrote of
+    /// it up to that version is forgotten. Returns whether `seen` is exactly this
+    /// process's own last write, coming back.
+    pub fn seen<K: ManagedKey>(&self, seen: &K) -> bool {
+        let mut keys = self.keys.lock().expect("memo lock");
+        caught_up(&mut keys, id(seen), version(seen.resource_version()))
+    }
+
+    /// [`Memo::seen`] for a Secret.
+    pub fn seen_secret(&self, seen: &Secret) -> bool {
+        let id = secret_id(&seen.namespace().unwrap_or_default(), &seen.name_any());
+        let mut secrets = self.secrets.lock().expect("memo lock");
+        caught_up(&mut secrets, id, version(seen.resource_version()))
     }
 
     /// A write of `key` failed in a way that leaves open whether it went through.
@@ -201,6 +231,30 @@ mod tests {
             memo.freshest(&key("11", 1)).status.unwrap().revision,
             Some(1)
         );
+    }
+
+    #[test]
+    fn the_echo_of_the_last_write_is_own_and_forgets_it() {
+        let memo = Memo::default();
+        memo.wrote(&key("12", 2));
+        assert!(!memo.seen(&key("11", 1)), "an older version");
+        assert!(memo.seen(&key("12", 2)));
+        assert!(!memo.seen(&key("12", 2)), "forgotten once seen");
+        memo.wrote(&key("14", 3));
+        assert!(!memo.seen(&key("15", 3)), "someone wrote since");
+        assert_eq!(
+            memo.freshest(&key("13", 2)).status.unwrap().revision,
+            Some(2),
+            "nothing left to prefer over the cache"
+        );
+        let mut secret = Secret::default();
+        secret.metadata.name = Some("s".into());
+        secret.metadata.namespace = Some("ns".into());
+        secret.metadata.resource_version = Some("7".into());
+        assert!(!memo.seen_secret(&secret));
+        memo.wrote_secret(&secret);
+        assert!(memo.seen_secret(&secret));
+        assert!(memo.secret("ns", "s", None).is_none());
     }
 
     #[test]

@@ -21,11 +21,17 @@ mod world;
 
 use std::{fmt::Debug, sync::Arc, time::Duration};
 
-use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::Secret;
+use futures::{FutureExt, StreamExt, stream::BoxStream};
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Resource, ResourceExt,
-    runtime::{Controller, controller::Action, reflector::ObjectRef, watcher},
+    core::PartialObjectMeta,
+    runtime::{
+        Controller,
+        controller::Action,
+        reflector::{ObjectRef, Store},
+        watcher,
+    },
 };
 use serde::{Serialize, de::DeserializeOwned};
 use tracing::warn;
@@ -39,7 +45,9 @@ pub use world::KubeWorld;
 use crate::{
     lifecycle::{self, IssuedFacts, KeyView, ROTATE_ANNOTATION, ShapeInput, Wake},
     metrics::{self, KeyRef},
+    provider_status,
     providers::{KeyShape, SecretValue},
+    resolve::{Caches, KeyApis},
     resources::{
         AuthKey, ClusterKeyProvider, DeletionPolicy, IssueAttempt, KeyDuration, KeyProvider,
         KeyStatus, ProviderKind, ProviderRef, Rotation, SecretSpec, ServiceAccountKey,
@@ -245,61 +253,97 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, world: Arc<KubeWorld>
     Action::requeue(wait)
 }
 
-/// Runs the controller of one key kind in one namespace (None: all) until `shutdown`
+/// What starts a key kind's reconciles: its own objects (every one once at start,
+/// then every change), its Secrets, and the providers its keys name — all from the
+/// shared watches.
+struct Triggers<K: ManagedKey> {
+    keys: Store<K>,
+    own: BoxStream<'static, Result<K, watcher::Error>>,
+    secrets: BoxStream<'static, Result<Secret, watcher::Error>>,
+    providers: BoxStream<'static, Result<KeyProvider, watcher::Error>>,
+    cluster_providers: BoxStream<'static, Result<ClusterKeyProvider, watcher::Error>>,
+}
+
+impl<K: ManagedKey> Triggers<K> {
+    /// The triggers of the controller of `keys`, from the watches it shares.
+    fn of(
+        keys: &Shared<K>,
+        (secrets, providers, cluster_providers): (
+            &Shared<Secret>,
+            &Shared<KeyProvider>,
+            &Shared<ClusterKeyProvider>,
+        ),
+    ) -> Self {
+        Self {
+            keys: keys.store.clone(),
+            own: keys.objects().boxed(),
+            secrets: secrets.subscribe().boxed(),
+            providers: providers.subscribe().boxed(),
+            cluster_providers: cluster_providers.subscribe().boxed(),
+        }
+    }
+}
+
+/// Whether `key` is the watch event of this process's own last write of it. The
+/// reconcile that wrote it planned on from exactly that object and scheduled what
+/// comes next, so the event triggers nothing — only the metrics take note of the
+/// status it carries. (The same holds for the event of keyward's own Secret write.)
+/// Besides saving a reconcile, this keeps a key's status event, should it overtake
+/// its Secret's, from finding the Secret missing in a cache that lags behind.
+fn echo<K: ManagedKey>(world: &KubeWorld, key: &K) -> bool {
+    let own = world.memo().seen(key);
+    if own && key.meta().deletion_timestamp.is_none() {
+        metrics::global().key_observed(&KeyRef::of(key), key.key_status());
+    }
+    own
+}
+
+/// The keys in `store` that `matches` says name a provider.
+fn naming<K: ManagedKey>(
+    store: &Store<K>,
+    matches: impl Fn(&K, &ProviderRef) -> bool,
+) -> Vec<ObjectRef<K>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|k| matches(k, k.provider_ref()))
+        .map(|k| ObjectRef::from_obj(&*k))
+        .collect()
+}
+
+/// Runs the controller of one key kind in one namespace scope until `shutdown`
 /// resolves.
 async fn run_kind<K: ManagedKey>(
     world: Arc<KubeWorld>,
-    namespace: Option<String>,
-    secret_events: impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+    triggers: Triggers<K>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = world.ctx().client.clone();
-    let keys: Api<K> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let controller = Controller::new(keys, watcher::Config::default());
-    let store = controller.store();
-    let store_cluster = store.clone();
-    let namespaced_providers: Api<KeyProvider> = match &namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
+    let by_provider = triggers.keys.clone();
+    let by_cluster_provider = triggers.keys.clone();
     let concurrency = world.ctx().settings.concurrency;
-    controller
-        .owns_stream(secret_events)
-        .watches(
-            namespaced_providers,
-            watcher::Config::default(),
-            move |provider: KeyProvider| {
-                let ns = provider.namespace();
-                let name = provider.name_any();
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|k| {
-                        k.provider_ref().kind == ProviderKind::KeyProvider
-                            && k.provider_ref().name == name
-                            && k.namespace() == ns
-                    })
-                    .map(|k| ObjectRef::from_obj(&*k))
-                    .collect::<Vec<_>>()
-            },
-        )
-        .watches(
-            Api::<ClusterKeyProvider>::all(client),
-            watcher::Config::default(),
+    let (keys_written, secrets_written) = (world.clone(), world.clone());
+    let own = triggers.own.filter(move |event| {
+        futures::future::ready(!matches!(event, Ok(k) if echo(&keys_written, k)))
+    });
+    let secrets = triggers.secrets.filter(move |event| {
+        let echo = matches!(event, Ok(s) if secrets_written.memo().seen_secret(s));
+        futures::future::ready(!echo)
+    });
+    Controller::for_stream(own, triggers.keys)
+        .owns_stream(secrets)
+        .watches_stream(triggers.providers, move |provider: KeyProvider| {
+            let (ns, name) = (provider.namespace(), provider.name_any());
+            naming(&by_provider, |k, r| {
+                r.kind == ProviderKind::KeyProvider && r.name == name && k.namespace() == ns
+            })
+        })
+        .watches_stream(
+            triggers.cluster_providers,
             move |provider: ClusterKeyProvider| {
                 let name = provider.name_any();
-                store_cluster
-                    .state()
-                    .into_iter()
-                    .filter(|k| {
-                        k.provider_ref().kind == ProviderKind::ClusterKeyProvider
-                            && k.provider_ref().name == name
-                    })
-                    .map(|k| ObjectRef::from_obj(&*k))
-                    .collect::<Vec<_>>()
+                naming(&by_cluster_provider, |_, r| {
+                    r.kind == ProviderKind::ClusterKeyProvider && r.name == name
+                })
             },
         )
         .with_config(kube::runtime::controller::Config::default().concurrency(concurrency))
@@ -309,49 +353,89 @@ async fn run_kind<K: ManagedKey>(
         .await;
 }
 
+/// An `Api` of a namespaced kind in one namespace (None: all).
+fn scoped<T>(ctx: &Context, namespace: Option<&str>) -> Api<T>
+where
+    T: Resource<Scope = kube::core::NamespaceResourceScope>,
+    T::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    }
+}
+
 /// The watch of keyward's own Secrets (by label) in one namespace (None: all).
 async fn watch_secrets(
     ctx: &Context,
     namespace: Option<&str>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Shared<Secret> {
-    let api: Api<Secret> = match namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
     let managed = watcher::Config::default().labels(&format!(
         "{}={}",
         secret::MANAGED_BY_LABEL,
         secret::MANAGED_BY
     ));
-    Shared::start(api, managed, shutdown).await
+    Shared::start(scoped(ctx, namespace), managed, shutdown).await
 }
 
 /// Runs both key controllers and the provider status controllers until `shutdown`
 /// resolves: once for all namespaces, or once per namespace of `settings.namespaces`
-/// (each with its own watches and `concurrency`; `ClusterKeyProvider`s are watched by
-/// each).
+/// (each with its own watches and `concurrency`).
+///
+/// One watch per resource type and namespace scope, shared by every controller that
+/// needs it: the keys of each kind, keyward's Secrets and the `KeyProvider`s per
+/// scope; the `ClusterKeyProvider`s and the namespaces' metadata (their labels, for
+/// a `ClusterKeyProvider`'s namespace selector) once.
 pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + Sync + 'static) {
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let all = watcher::Config::default();
+    let (cluster_providers, namespaces) = futures::join!(
+        Shared::<ClusterKeyProvider>::start(
+            Api::all(ctx.client.clone()),
+            all.clone(),
+            shutdown.clone()
+        ),
+        Shared::<PartialObjectMeta<Namespace>>::start(
+            Api::all(ctx.client.clone()),
+            all.clone(),
+            shutdown.clone()
+        ),
+    );
+    let apis = Arc::new(KeyApis::default());
     let mut controllers = Vec::new();
+    let mut provider_watches = Vec::new();
     for ns in ctx.settings.watched_namespaces() {
-        let secrets = watch_secrets(&ctx, ns.as_deref(), shutdown.clone()).await;
-        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone()));
-        controllers.push(
-            run_kind::<AuthKey>(
-                world.clone(),
-                ns.clone(),
-                secrets.subscribe(),
-                shutdown.clone(),
-            )
-            .boxed(),
+        let ns = ns.as_deref();
+        let (secrets, providers, auth_keys, account_keys) = futures::join!(
+            watch_secrets(&ctx, ns, shutdown.clone()),
+            Shared::<KeyProvider>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
+            Shared::<AuthKey>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
+            Shared::<ServiceAccountKey>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
         );
-        controllers.push(
-            run_kind::<ServiceAccountKey>(world, ns, secrets.subscribe(), shutdown.clone()).boxed(),
-        );
+        let caches = Caches {
+            key_providers: providers.store.clone(),
+            cluster_providers: cluster_providers.store.clone(),
+            namespaces: namespaces.store.clone(),
+            apis: apis.clone(),
+        };
+        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone(), caches));
+        let shared = (&secrets, &providers, &cluster_providers);
+        let auth = Triggers::of(&auth_keys, shared);
+        controllers.push(run_kind(world.clone(), auth, shutdown.clone()).boxed());
+        let account = Triggers::of(&account_keys, shared);
+        controllers.push(run_kind(world, account, shutdown.clone()).boxed());
+        provider_watches.push(provider_status::Watch {
+            trigger: providers.objects().boxed(),
+            store: providers.store.clone(),
+        });
     }
+    let cluster_watch = provider_status::Watch {
+        trigger: cluster_providers.objects().boxed(),
+        store: cluster_providers.store.clone(),
+    };
     futures::join!(
         futures::future::join_all(controllers),
-        crate::provider_status::run(ctx, shutdown),
+        provider_status::run(ctx, apis, provider_watches, cluster_watch, shutdown),
     );
 }

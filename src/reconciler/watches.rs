@@ -1,10 +1,15 @@
-//! One watch per resource type, shared: a reflector cache that the executor reads,
-//! and a fan-out of every applied or deleted object to each controller it triggers.
+//! One watch per resource type, shared: a reflector cache that the executor and
+//! resolution read, and a fan-out of every applied or deleted object to each
+//! controller it triggers.
 //!
 //! Written here rather than taken from kube-runtime's shared reflectors
 //! (`reflect_shared` / `owns_shared_stream`, still unstable): those drop deletion
 //! events, and their subscriber stalls when an object is gone from the store by the
 //! time its event is read — a deleted Secret would never trigger its key.
+//!
+//! The cache keeps what keyward reads: `managedFields` and kubectl's
+//! `last-applied-configuration` (a second copy of the object) are dropped as objects
+//! arrive, so memory follows the fields keyward uses.
 
 use std::{fmt::Debug, hash::Hash, sync::Mutex};
 
@@ -19,6 +24,9 @@ use kube::{
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
+
+/// The annotation `kubectl apply` keeps a copy of the whole object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// A watch of one resource type: its cache, and its events for every subscriber.
 pub struct Shared<T: Resource + Clone + 'static>
@@ -46,6 +54,7 @@ where
         let fan_out = subscribers.clone();
         let events = watcher(api, config)
             .default_backoff()
+            .modify(trim)
             .reflect(writer)
             .touched_objects()
             .for_each(move |event| {
@@ -74,5 +83,29 @@ where
         futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|object| (Ok(object), rx))
         })
+    }
+
+    /// Every object in the cache now, then every one applied or deleted from now on:
+    /// the trigger of a controller of this type itself, which looks at each object
+    /// once when it starts.
+    pub fn objects(&self) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
+        // Subscribed first: an object changed meanwhile comes twice, never not at all.
+        let changes = self.subscribe();
+        let now: Vec<Result<T, watcher::Error>> = self
+            .store
+            .state()
+            .into_iter()
+            .map(|o| Ok((*o).clone()))
+            .collect();
+        futures::stream::iter(now).chain(changes)
+    }
+}
+
+/// Drops what keyward never reads from a cached object.
+fn trim<T: Resource>(object: &mut T) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.remove(LAST_APPLIED);
     }
 }

@@ -9,40 +9,46 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
-    runtime::{
-        events::{Event, EventType},
-        reflector::{ObjectRef, Store},
-    },
+    runtime::reflector::{ObjectRef, Store},
 };
 use tracing::info;
 
 use super::{ManagedKey, World, memo::Memo};
 use crate::{
     context::{self, Context, CrashPoint, MANAGER, Result},
+    events::Occurrence,
     lifecycle::{Note, Timing},
     metrics::{self, KeyRef},
     providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
-    resolve::{self, KeyRequest, Resolution},
+    resolve::{self, Caches, KeyRequest, Resolution},
     resources::KeyStatus,
 };
 
 pub struct KubeWorld {
     ctx: Arc<Context>,
     secrets: Store<Secret>,
+    /// What providers are resolved from.
+    caches: Caches,
     memo: Memo,
 }
 
 impl KubeWorld {
-    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>) -> Self {
+    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>, caches: Caches) -> Self {
         Self {
             ctx,
             secrets,
+            caches,
             memo: Memo::default(),
         }
     }
 
     pub fn ctx(&self) -> &Arc<Context> {
         &self.ctx
+    }
+
+    /// What this process wrote, until the caches have it.
+    pub fn memo(&self) -> &Memo {
+        &self.memo
     }
 
     /// The wall clock (what kube-runtime's requeue timers run on).
@@ -150,6 +156,7 @@ impl<K: ManagedKey> World<K> for KubeWorld {
         let shape = key.shape();
         resolve::resolve(
             &self.ctx,
+            &self.caches,
             &KeyRequest {
                 namespace: &namespace,
                 reference: key.provider_ref(),
@@ -199,21 +206,15 @@ impl<K: ManagedKey> World<K> for KubeWorld {
             Note::Failed { operation, .. } => metrics::global().failed(&key_ref, operation),
         }
         let (warning, reason, message) = note.event();
-        let event = Event {
-            type_: if warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: reason.clone(),
-            note: Some(message),
-            action: reason,
-            secondary: None,
+        let event = Occurrence {
+            warning,
+            reason: &reason,
+            note: &message,
         };
         if let Err(e) = self
             .ctx
             .recorder
-            .publish(&event, &key.object_ref(&()))
+            .publish(&key.object_ref(&()), &event)
             .await
         {
             tracing::warn!(error = %e, "could not publish event");

@@ -13,6 +13,7 @@
 #![allow(dead_code)]
 
 mod harness;
+pub mod requests;
 pub mod upstream;
 
 /// Gives a test's `Harness { cluster: Cluster, … }` the `Cluster`'s fields and methods.
