@@ -16,6 +16,7 @@
 
 mod executor;
 mod memo;
+mod rollout;
 mod watches;
 mod world;
 
@@ -33,6 +34,7 @@ use tracing::warn;
 pub use crate::context::{Context, CrashPoint, Error, Faults, MANAGER, NoFaults, Result, Settings};
 pub use executor::{World, reconcile as execute};
 pub use memo::Memo;
+pub use rollout::Workloads;
 pub use watches::Shared;
 pub use world::KubeWorld;
 
@@ -42,7 +44,8 @@ use crate::{
     providers::{KeyShape, SecretValue},
     resources::{
         AuthKey, ClusterKeyProvider, DeletionPolicy, IssueAttempt, KeyDuration, KeyProvider,
-        KeyStatus, ProviderKind, ProviderRef, Rotation, SecretSpec, ServiceAccountKey,
+        KeyStatus, ProviderKind, ProviderRef, RolloutTarget, Rotation, SecretSpec,
+        ServiceAccountKey,
     },
     secret,
 };
@@ -71,6 +74,7 @@ pub trait ManagedKey:
     fn description(&self) -> Option<&str>;
     fn shape(&self) -> KeyShape;
     fn key_status(&self) -> Option<&KeyStatus>;
+    fn rollout(&self) -> &[RolloutTarget];
 }
 
 /// The accessors both key kinds answer from identically named spec fields.
@@ -96,6 +100,9 @@ macro_rules! shared_key_fields {
         }
         fn key_status(&self) -> Option<&KeyStatus> {
             self.status.as_ref()
+        }
+        fn rollout(&self) -> &[RolloutTarget] {
+            &self.spec.rollout
         }
     };
 }
@@ -159,7 +166,13 @@ pub fn key_view<K: ManagedKey>(key: &K) -> KeyView {
         key_shape: shape,
         description: key.description().map(str::to_owned),
         requested_lifetime: key.expiry().and_then(|d| d.to_std()),
+        rollout: key.rollout().to_vec(),
     }
+}
+
+/// The Pod-template annotation this key writes on its rollout targets.
+pub fn rollout_annotation<K: ManagedKey>(key: &K) -> String {
+    lifecycle::rollout::annotation_key(K::KIND, &key.name_any())
 }
 
 /// The Secret holding the key issued for `attempt`: rendered data, the template's
@@ -251,6 +264,7 @@ async fn run_kind<K: ManagedKey>(
     world: Arc<KubeWorld>,
     namespace: Option<String>,
     secret_events: impl futures::Stream<Item = Result<Secret, watcher::Error>> + Send + 'static,
+    workloads: Arc<Workloads>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = world.ctx().client.clone();
@@ -266,7 +280,8 @@ async fn run_kind<K: ManagedKey>(
         None => Api::all(client.clone()),
     };
     let concurrency = world.ctx().settings.concurrency;
-    controller
+    workloads
+        .wake(controller)
         .owns_stream(secret_events)
         .watches(
             namespaced_providers,
@@ -336,18 +351,31 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let mut controllers = Vec::new();
     for ns in ctx.settings.watched_namespaces() {
         let secrets = watch_secrets(&ctx, ns.as_deref(), shutdown.clone()).await;
-        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone()));
+        let workloads = Workloads::watch(&ctx.client, ns.as_deref(), shutdown.clone()).await;
+        let world = Arc::new(KubeWorld::new(
+            ctx.clone(),
+            secrets.store.clone(),
+            workloads.clone(),
+        ));
         controllers.push(
             run_kind::<AuthKey>(
                 world.clone(),
                 ns.clone(),
                 secrets.subscribe(),
+                workloads.clone(),
                 shutdown.clone(),
             )
             .boxed(),
         );
         controllers.push(
-            run_kind::<ServiceAccountKey>(world, ns, secrets.subscribe(), shutdown.clone()).boxed(),
+            run_kind::<ServiceAccountKey>(
+                world,
+                ns,
+                secrets.subscribe(),
+                workloads,
+                shutdown.clone(),
+            )
+            .boxed(),
         );
     }
     futures::join!(

@@ -16,27 +16,29 @@ use kube::{
 };
 use tracing::info;
 
-use super::{ManagedKey, World, memo::Memo};
+use super::{ManagedKey, Workloads, World, memo::Memo, rollout, rollout_annotation};
 use crate::{
     context::{self, Context, CrashPoint, MANAGER, Result},
-    lifecycle::{Note, Timing},
+    lifecycle::{Note, Timing, rollout::TargetView},
     metrics::{self, KeyRef},
     providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
     resolve::{self, KeyRequest, Resolution},
-    resources::KeyStatus,
+    resources::{KeyStatus, RolloutTarget},
 };
 
 pub struct KubeWorld {
     ctx: Arc<Context>,
     secrets: Store<Secret>,
+    workloads: Arc<Workloads>,
     memo: Memo,
 }
 
 impl KubeWorld {
-    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>) -> Self {
+    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>, workloads: Arc<Workloads>) -> Self {
         Self {
             ctx,
             secrets,
+            workloads,
             memo: Memo::default(),
         }
     }
@@ -144,6 +146,24 @@ impl<K: ManagedKey> World<K> for KubeWorld {
         }
     }
 
+    fn cached_target(&self, key: &K, target: &RolloutTarget) -> Option<TargetView> {
+        let namespace = key.namespace().unwrap_or_default();
+        self.workloads
+            .view(&namespace, target, &rollout_annotation(key))
+    }
+
+    async fn annotate_target(
+        &self,
+        key: &K,
+        target: &RolloutTarget,
+        value: &str,
+    ) -> Result<Option<TargetView>> {
+        self.ctx.alive()?;
+        let namespace = key.namespace().unwrap_or_default();
+        let annotation = rollout_annotation(key);
+        rollout::annotate(&self.ctx.client, &namespace, target, &annotation, value).await
+    }
+
     async fn resolve(&self, key: &K) -> Result<Resolution> {
         self.ctx.alive()?;
         let namespace = key.namespace().unwrap_or_default();
@@ -195,6 +215,9 @@ impl<K: ManagedKey> World<K> for KubeWorld {
             }
             Note::KeyInvalid { key_id, state } => {
                 info!(kind = K::KIND, name = %key.name_any(), key_id = %key_id, state = %state, "upstream reports the key as no longer usable");
+            }
+            Note::RolledOut { target, revision } => {
+                info!(kind = K::KIND, namespace = %key.namespace().unwrap_or_default(), name = %key.name_any(), target = %target, revision, "annotated a rollout target");
             }
             Note::Failed { operation, .. } => metrics::global().failed(&key_ref, operation),
         }

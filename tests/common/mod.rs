@@ -13,7 +13,9 @@
 #![allow(dead_code)]
 
 mod harness;
+pub mod operator;
 pub mod upstream;
+pub mod workloads;
 
 /// Gives a test's `Harness { cluster: Cluster, … }` the `Cluster`'s fields and methods.
 #[allow(unused_macros)]
