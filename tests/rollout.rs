@@ -16,7 +16,7 @@ use std::{
 
 use futures::StreamExt;
 use k8s_openapi::api::{
-    apps::v1::{Deployment, StatefulSet},
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
     core::v1::Secret,
 };
 use keyward::resources::{AuthKey, KeyProvider, KeyStatus};
@@ -82,25 +82,11 @@ fn record(uid: &str, revision: i64) -> String {
     format!("{revision}.{uid}")
 }
 
-fn template_annotation<K: Workloadish>(w: &K, key: &str) -> Option<String> {
-    w.template_annotations()?.get(&annotation(key)).cloned()
-}
-
-/// The Pod template of either kind of target.
-trait Workloadish {
-    fn template_annotations(&self) -> Option<&std::collections::BTreeMap<String, String>>;
-}
-
-impl Workloadish for Deployment {
-    fn template_annotations(&self) -> Option<&std::collections::BTreeMap<String, String>> {
-        self.spec.template.metadata.as_ref()?.annotations.as_ref()
-    }
-}
-
-impl Workloadish for StatefulSet {
-    fn template_annotations(&self) -> Option<&std::collections::BTreeMap<String, String>> {
-        self.spec.template.metadata.as_ref()?.annotations.as_ref()
-    }
+/// The key's annotation on the Pod template of a Deployment, StatefulSet or DaemonSet.
+fn template_annotation<K: serde::Serialize>(w: &K, key: &str) -> Option<String> {
+    let w = serde_json::to_value(w).ok()?;
+    let value = &w["spec"]["template"]["metadata"]["annotations"][annotation(key)];
+    value.as_str().map(str::to_owned)
 }
 
 /// Every version of one object from a watch started before the change under test.
@@ -157,7 +143,7 @@ fn first_version<K: Resource>(history: &[K], check: impl Fn(&K) -> bool) -> Opti
 }
 
 /// The distinct values the key's annotation took, in order.
-fn records<K: Workloadish>(history: &[K], key: &str) -> Vec<String> {
+fn records<K: serde::Serialize>(history: &[K], key: &str) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for value in history.iter().filter_map(|w| template_annotation(w, key)) {
         if out.last() != Some(&value) {
@@ -339,6 +325,21 @@ async fn watch_retirement(
     (finished.into_inner(), revoked, waiting.into_inner())
 }
 
+/// Creates the key `app` with `spec`, waits until it is Ready, rotates it, and waits
+/// for revision 2; returns the key's uid and the id of the key that now retires.
+async fn rotated(h: &Cluster, spec: serde_json::Value) -> (String, String) {
+    h.create::<AuthKey>("app", spec).await;
+    let keys = h.api::<AuthKey>();
+    common::ready(&keys, "app").await;
+    let uid = keys.get("app").await.unwrap().uid().unwrap();
+    h.rotate::<AuthKey>("app", "r1").await;
+    let rotated = common::status_where(&keys, "app", "revision 2", |s| {
+        s.revision == Some(2) && !s.retiring.is_empty()
+    })
+    .await;
+    (uid, rotated.retiring[0].key_id.clone())
+}
+
 #[tokio::test]
 async fn after_rollout_the_old_key_goes_within_seconds_of_the_last_target_finishing() {
     let (h, upstream) = cluster("afterrollout").await;
@@ -352,17 +353,8 @@ async fn after_rollout_the_old_key_goes_within_seconds_of_the_last_target_finish
         json!({"overlap": "30m", "retire": "AfterRollout"}),
         &[("Deployment", "web"), ("Deployment", "api")],
     );
-    h.create::<AuthKey>("app", spec).await;
+    let (uid, old) = rotated(&h, spec).await;
     let keys = h.api::<AuthKey>();
-    common::ready(&keys, "app").await;
-    let uid = keys.get("app").await.unwrap().uid().unwrap();
-
-    h.rotate::<AuthKey>("app", "r1").await;
-    let rotated = common::status_where(&keys, "app", "revision 2", |s| {
-        s.revision == Some(2) && !s.retiring.is_empty()
-    })
-    .await;
-    let old = rotated.retiring[0].key_id.clone();
     let (finished, revoked, waiting) =
         watch_retirement(&h, &upstream, &old, &record(&uid, 2), &["web", "api"]).await;
 
@@ -406,18 +398,8 @@ async fn after_rollout_waits_out_the_overlap_for_a_target_that_never_finishes() 
         json!({"overlap": "20s", "retire": "AfterRollout"}),
         &[("Deployment", "web"), ("Deployment", "stuck")],
     );
-    h.create::<AuthKey>("app", spec).await;
-    let keys = h.api::<AuthKey>();
-    common::ready(&keys, "app").await;
-    let uid = keys.get("app").await.unwrap().uid().unwrap();
-
-    h.rotate::<AuthKey>("app", "r1").await;
-    let rotated = common::status_where(&keys, "app", "revision 2", |s| {
-        s.revision == Some(2) && !s.retiring.is_empty()
-    })
-    .await;
+    let (uid, old) = rotated(&h, spec).await;
     let rotated_at = Instant::now();
-    let old = rotated.retiring[0].key_id.clone();
     let (_, revoked, waiting) =
         watch_retirement(&h, &upstream, &old, &record(&uid, 2), &["web"]).await;
 
@@ -436,6 +418,28 @@ async fn after_rollout_waits_out_the_overlap_for_a_target_that_never_finishes() 
         Some(&["Deployment/stuck".to_owned()][..]),
         "status said which target it waited for: {waiting:?}"
     );
+}
+
+#[tokio::test]
+async fn a_daemon_set_is_annotated_and_waited_for_too() {
+    let (h, upstream) = cluster("daemonset").await;
+    let sets: Api<DaemonSet> = Api::namespaced(h.client.clone(), &h.ns.name);
+    create(&sets, workload("agent", json!({}))).await;
+    let spec = key_spec(
+        json!({"overlap": "30m", "retire": "AfterRollout"}),
+        &[("DaemonSet", "agent")],
+    );
+    let (uid, old) = rotated(&h, spec).await;
+    eventually("the old key revoked once agent rolled out", WAIT, || async {
+        upstream.key(&old)?.revoked.then_some(())
+    })
+    .await;
+    let agent = sets.get("agent").await.unwrap();
+    assert_eq!(template_annotation(&agent, "app"), Some(record(&uid, 2)));
+    assert_eq!(agent.metadata.generation, Some(3), "one annotation per revision");
+    let status = agent.status.unwrap();
+    assert_eq!(status.updated_number_scheduled, Some(1), "rolled out");
+    assert_eq!(status.number_ready, 1, "rolled out");
 }
 
 #[tokio::test]

@@ -10,7 +10,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
+    core::v1::PodTemplateSpec,
+};
 use sha2::{Digest, Sha256};
 
 use super::observe::Observed;
@@ -77,10 +80,14 @@ pub struct TargetView {
 
 /// What the planner reads of a workload.
 pub trait Workload: kube::Resource {
-    fn template_annotations(&self) -> Option<&BTreeMap<String, String>>;
+    fn template(&self) -> &PodTemplateSpec;
     /// What `kubectl rollout status` waits for: the controller saw the latest spec and
     /// every desired replica runs the latest template and is ready.
     fn rolled_out(&self) -> bool;
+
+    fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
+        self.template().metadata.as_ref()?.annotations.as_ref()
+    }
 }
 
 /// The view of `workload` for the key whose annotation is `annotation`.
@@ -100,8 +107,8 @@ fn caught_up(generation: Option<i64>, observed: Option<i64>) -> bool {
 }
 
 impl Workload for Deployment {
-    fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
-        self.spec.template.metadata.as_ref()?.annotations.as_ref()
+    fn template(&self) -> &PodTemplateSpec {
+        &self.spec.template
     }
 
     fn rolled_out(&self) -> bool {
@@ -116,8 +123,8 @@ impl Workload for Deployment {
 }
 
 impl Workload for StatefulSet {
-    fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
-        self.spec.template.metadata.as_ref()?.annotations.as_ref()
+    fn template(&self) -> &PodTemplateSpec {
+        &self.spec.template
     }
 
     fn rolled_out(&self) -> bool {
@@ -133,8 +140,8 @@ impl Workload for StatefulSet {
 }
 
 impl Workload for DaemonSet {
-    fn template_annotations(&self) -> Option<&BTreeMap<String, String>> {
-        self.spec.template.metadata.as_ref()?.annotations.as_ref()
+    fn template(&self) -> &PodTemplateSpec {
+        &self.spec.template
     }
 
     fn rolled_out(&self) -> bool {

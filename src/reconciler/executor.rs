@@ -523,10 +523,11 @@ fn observe_targets<K: ManagedKey, W: World<K>>(world: &W, key: &K, o: &mut Obser
     let wanted = &o.key.rollout;
     o.targets.retain(|t, _| wanted.contains(t));
     for target in wanted {
+        if o.targets.contains_key(target) {
+            continue;
+        }
         let cached = world.cached_target(key, target);
-        if !o.targets.contains_key(target)
-            && let Some(view) = world.memo().target(&target_id(key, target), cached)
-        {
+        if let Some(view) = world.memo().target(&target_id(key, target), cached) {
             o.targets.insert(target.clone(), view);
         }
     }

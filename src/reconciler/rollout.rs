@@ -87,49 +87,30 @@ fn trim_template(template: &PodTemplateSpec) -> PodTemplateSpec {
     }
 }
 
-impl Watched for Deployment {
-    const KIND: WorkloadKind = WorkloadKind::Deployment;
-    fn trim(&mut self) {
-        self.metadata = trim_meta(&self.metadata);
-        self.spec = DeploymentSpec {
-            replicas: self.spec.replicas,
-            template: trim_template(&self.spec.template),
-            ..Default::default()
-        };
-        if let Some(status) = &mut self.status {
-            status.conditions = None;
+/// Each kind keeps its name, uid, generation, replicas (where it has them), keyward's
+/// template annotations and its status counters.
+macro_rules! watched {
+    ($kind:ident, $spec:ident { $($keep:ident),* }) => {
+        impl Watched for $kind {
+            const KIND: WorkloadKind = WorkloadKind::$kind;
+            fn trim(&mut self) {
+                self.metadata = trim_meta(&self.metadata);
+                self.spec = $spec {
+                    $($keep: self.spec.$keep,)*
+                    template: trim_template(&self.spec.template),
+                    ..Default::default()
+                };
+                if let Some(status) = &mut self.status {
+                    status.conditions = None;
+                }
+            }
         }
-    }
+    };
 }
 
-impl Watched for StatefulSet {
-    const KIND: WorkloadKind = WorkloadKind::StatefulSet;
-    fn trim(&mut self) {
-        self.metadata = trim_meta(&self.metadata);
-        self.spec = StatefulSetSpec {
-            replicas: self.spec.replicas,
-            template: trim_template(&self.spec.template),
-            ..Default::default()
-        };
-        if let Some(status) = &mut self.status {
-            status.conditions = None;
-        }
-    }
-}
-
-impl Watched for DaemonSet {
-    const KIND: WorkloadKind = WorkloadKind::DaemonSet;
-    fn trim(&mut self) {
-        self.metadata = trim_meta(&self.metadata);
-        self.spec = DaemonSetSpec {
-            template: trim_template(&self.spec.template),
-            ..Default::default()
-        };
-        if let Some(status) = &mut self.status {
-            status.conditions = None;
-        }
-    }
-}
+watched!(Deployment, DeploymentSpec { replicas });
+watched!(StatefulSet, StatefulSetSpec { replicas });
+watched!(DaemonSet, DaemonSetSpec {});
 
 /// The workload watches of one namespace (or all).
 pub struct Workloads {

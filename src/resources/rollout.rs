@@ -27,7 +27,10 @@ pub struct RolloutTarget {
     /// `Deployment`, `StatefulSet` or `DaemonSet`.
     pub kind: WorkloadKind,
     /// Name of the workload.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
 }
 
