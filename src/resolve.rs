@@ -309,7 +309,8 @@ impl KeyApis {
 /// Reads a provider's credential Secret and builds its key API. Failures are
 /// `NotReady` with `CredentialsNotFound`, `CredentialsInvalid` or
 /// `ProviderMisconfigured`, each saying what to create or fix.
-async fn build_provider(ctx: &Context, source: &ProviderSource) -> Result<Arc<dyn KeyApi>> {
+/// Builds the key API of `source` (its credential read from the API server).
+pub async fn build_provider(ctx: &Context, source: &ProviderSource) -> Result<Arc<dyn KeyApi>> {
     let display = &source.display;
     let credentials_namespace = &source.credentials_namespace;
     let mut credentials = BTreeMap::new();

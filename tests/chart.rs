@@ -108,8 +108,9 @@ fn default_values_lint_and_render_a_hardened_cluster_wide_operator() {
         deployment["spec"]["selector"]["matchLabels"]
     );
 
-    // Exactly the grants the operator needs: keys, providers, Secrets and Events in every
-    // namespace, cluster-scoped reads, and the operator namespace's credentials + Lease.
+    // Exactly the grants the operator needs: keys, providers, Secrets, Events and rollout
+    // targets in every namespace, cluster-scoped reads, and the operator namespace's
+    // credentials + Lease.
     let mut expected = namespaced_grants("*");
     expected.extend(cluster_scoped_grants());
     expected.extend(operator_namespace_grants("keyward-system", true));
@@ -936,6 +937,11 @@ fn namespaced_grants(scope: &str) -> BTreeSet<Grant> {
             ("", &["secrets"], SECRET_VERBS),
             ("", &["events"], &["create", "patch"]),
             ("events.k8s.io", &["events"], &["create", "patch"]),
+            (
+                "apps",
+                &["deployments", "statefulsets", "daemonsets"],
+                &["get", "list", "watch", "patch"],
+            ),
         ],
     )
 }

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
     core::v1::{ConfigMap, Namespace, Pod, Secret},
@@ -15,26 +13,18 @@ use k8s_openapi::api::{
 use keyward::control_plane::NODE;
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use common::{TestNamespace, eventually};
-
-/// Garbage collection and rollouts take a few controller round trips; a cold
-/// controller-manager first syncs its informers.
-const WAIT: Duration = Duration::from_secs(90);
-
-async fn create<K>(api: &Api<K>, object: Value) -> K
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let object: K = serde_json::from_value(object).unwrap();
-    api.create(&PostParams::default(), &object)
-        .await
-        .unwrap_or_else(|e| panic!("creating {}: {e}", object.name_any()))
-}
+use common::{
+    TestNamespace, eventually,
+    workloads::{
+        ROLLOUT_WAIT as WAIT, create, deployment_rolled_out, stateful_set_rolled_out,
+        wait_rolled_out, workload,
+    },
+};
 
 #[tokio::test]
 async fn deleting_an_owner_garbage_collects_what_it_owns() {
@@ -101,17 +91,6 @@ async fn deleting_a_namespace_deletes_what_is_in_it() {
     );
 }
 
-/// A workload `app` with `spec` and a Pod template whose annotation
-/// `example.com/revision` ("1" here) tells the rollouts apart.
-fn workload(app: &str, mut spec: Value) -> Value {
-    spec["selector"] = json!({"matchLabels": {"app": app}});
-    spec["template"] = json!({
-        "metadata": {"labels": {"app": app}, "annotations": {"example.com/revision": "1"}},
-        "spec": {"containers": [{"name": "app", "image": "registry.invalid/app:1"}]},
-    });
-    json!({"metadata": {"name": app}, "spec": spec})
-}
-
 async fn change_template<K>(api: &Api<K>, name: &str, revision: &str)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
@@ -144,30 +123,6 @@ async fn running_pods(client: &Client, ns: &str, app: &str, count: usize) -> Vec
             (list.len() == count && running).then_some(list)
         },
     )
-    .await
-}
-
-/// What `kubectl rollout status` waits for: the controller saw the latest spec, every
-/// replica runs the latest template, none of an older one is left, all available.
-fn deployment_rolled_out(d: &Deployment) -> bool {
-    let want = d.spec.replicas.unwrap_or(1);
-    let Some(s) = d.status.as_ref() else {
-        return false;
-    };
-    s.observed_generation >= d.metadata.generation
-        && s.updated_replicas == Some(want)
-        && s.replicas == Some(want)
-        && s.ready_replicas == Some(want)
-        && s.available_replicas == Some(want)
-}
-
-async fn wait_rolled_out<K>(api: &Api<K>, name: &str, done: fn(&K) -> bool) -> K
-where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    eventually(&format!("{name} to be rolled out"), WAIT, || async {
-        api.get(name).await.ok().filter(done)
-    })
     .await
 }
 
@@ -211,19 +166,6 @@ async fn a_deployment_rolls_out_and_rolls_again_when_its_template_changes() {
     );
     let new = sets.get(&new_set).await.unwrap();
     assert_eq!(new.status.unwrap().ready_replicas, Some(2));
-}
-
-fn stateful_set_rolled_out(s: &StatefulSet) -> bool {
-    let want = s.spec.replicas.unwrap_or(1);
-    let Some(status) = s.status.as_ref() else {
-        return false;
-    };
-    status.observed_generation >= s.metadata.generation
-        && status.updated_replicas == Some(want)
-        && status.ready_replicas == Some(want)
-        && status.available_replicas == Some(want)
-        && status.update_revision.is_some()
-        && status.current_revision == status.update_revision
 }
 
 #[tokio::test]

@@ -6,11 +6,7 @@
 
 mod common;
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -23,120 +19,13 @@ use kube::{
 };
 use serde_json::json;
 
-use common::{TestNamespace, WAIT, apply, eventually};
-
-const LEASE: &str = "keyward";
-
-/// One `keyward run` process; SIGKILLed and reaped when dropped (a failing test too).
-struct Operator {
-    identity: String,
-    child: Child,
-    port: u16,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Operator {
-    fn start(ns: &str, identity: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("keyward.log");
-        let port = keyward::control_plane::free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_keyward"))
-            .arg("run")
-            .args(["--namespaces", ns, "--operator-namespace", ns])
-            .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
-            .args(extra)
-            .env("KUBECONFIG", common::plane().kubeconfig())
-            .env("POD_NAME", identity)
-            .env("RUST_LOG", "info,keyward=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("starting keyward run");
-        Self {
-            identity: identity.to_owned(),
-            child,
-            port,
-            log,
-            _dir: dir,
-        }
-    }
-
-    /// Two candidates elect on a short lease: 4s, renewed every 1s, given up after 3s.
-    fn candidate(ns: &str, identity: &str) -> Self {
-        Self::start(
-            ns,
-            identity,
-            &[
-                "--leader-elect",
-                "--lease-duration",
-                "4s",
-                "--renew-deadline",
-                "3s",
-                "--retry-period",
-                "1s",
-            ],
-        )
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let url = format!("http://127.0.0.1:{}{path}", self.port);
-        let response = reqwest::get(url).await.ok()?;
-        let status = response.status().as_u16();
-        Some((status, response.text().await.ok()?))
-    }
-
-    async fn metrics(&self) -> String {
-        let (status, text) =
-            eventually("the metrics endpoint", WAIT, || self.get("/metrics")).await;
-        assert_eq!(status, 200, "{text}");
-        text
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn sigterm(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.sigkill();
-        if std::thread::panicking() {
-            eprintln!("--- logs of {} ---\n{}", self.identity, self.logs());
-        }
-    }
-}
+use common::{
+    TestNamespace, WAIT, apply, eventually,
+    operator::{LEASE, Operator, holder, sample, wait_for_holder},
+};
 
 fn rustls() {
     let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-async fn holder(client: &Client, ns: &str) -> Option<String> {
-    let lease = Api::<Lease>::namespaced(client.clone(), ns)
-        .get_opt(LEASE)
-        .await
-        .ok()??;
-    lease.spec?.holder_identity
-}
-
-async fn wait_for_holder(client: &Client, ns: &str, identity: &str) {
-    eventually(&format!("{identity} holds the lease"), WAIT, || async {
-        (holder(client, ns).await.as_deref() == Some(identity)).then_some(())
-    })
-    .await;
 }
 
 async fn builtin_provider(client: &Client, ns: &str) {
@@ -193,14 +82,6 @@ async fn event_reporters(client: &Client, ns: &str) -> Vec<String> {
         .filter(|e| e.involved_object.kind.as_deref() == Some("AuthKey"))
         .map(|e| e.reporting_instance.unwrap_or_default())
         .collect()
-}
-
-/// The value of the one sample whose line starts with `series` (name and labels).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn key_spec() -> serde_json::Value {

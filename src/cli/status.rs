@@ -500,6 +500,7 @@ mod tests {
                 key_id: "k1".into(),
                 revoke_at: time("2026-01-01T01:10:00Z"),
                 reason: "ForcedRotation".into(),
+                waiting_for: Vec::new(),
             }],
             ..Default::default()
         };

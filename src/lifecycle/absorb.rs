@@ -8,7 +8,7 @@ use super::{
 };
 use crate::{
     providers::KeyState,
-    resources::{IssueAttempt, IssueBackoff},
+    resources::{IssueAttempt, IssueBackoff, RolloutTarget},
 };
 
 /// Folds the result of `step` into what the planner sees next, and returns what is
@@ -51,6 +51,7 @@ pub fn absorb(o: &mut Observed, step: &Step, done: Done) -> Vec<Note> {
         (Step::Inspect(id), Done::Inspected(result)) => {
             notes.extend(inspected(o, id, result));
         }
+        (Step::Rollout { target, .. }, done) => notes.extend(rolled_out(o, target, done)),
         (Step::DeleteSecret(name), Done::SecretDeleted) => {
             o.fresh.insert(name.clone());
             o.secrets.remove(name);
@@ -59,6 +60,36 @@ pub fn absorb(o: &mut Observed, step: &Step, done: Done) -> Vec<Note> {
         (step, done) => debug_assert!(false, "{done:?} is not a result of {step:?}"),
     }
     notes
+}
+
+/// An annotation's answer: the target as it left it, or the failure, retried later.
+fn rolled_out(o: &mut Observed, target: &RolloutTarget, done: Done) -> Option<Note> {
+    match done {
+        Done::RolledOut(Some(view)) => {
+            o.targets.insert(target.clone(), view);
+            Some(Note::RolledOut {
+                target: target.to_string(),
+                revision: o.status.revision.unwrap_or(0),
+            })
+        }
+        Done::RolledOut(None) => {
+            o.targets.remove(target);
+            None
+        }
+        Done::RolloutFailed(e) => {
+            let message = format!("annotating {target} for a rollout failed: {e}");
+            o.run.rollout_failed.insert(target.clone(), e);
+            Some(Note::Failed {
+                operation: "rollout",
+                reason: "RolloutFailed".into(),
+                message,
+            })
+        }
+        done => {
+            debug_assert!(false, "{done:?} is not a result of a rollout");
+            None
+        }
+    }
 }
 
 fn set_secret(o: &mut Observed, name: &str, view: Option<SecretView>) {

@@ -8,6 +8,7 @@ use super::{
     ROTATE_ANNOTATION,
     observe::{Observed, ProviderView, ReadyProvider},
     plan::{pending, renewal},
+    rollout,
     schedule::{MIN_RENEWAL_WINDOW, Renewal, floor_second},
     trigger::Trigger,
 };
@@ -18,6 +19,10 @@ pub(super) fn settle(o: &Observed, s: &mut KeyStatus, provider: Option<&ReadyPro
     let renewal = renewal(o, s);
     s.renewal_time = renewal.map(|r| Time(r.at));
     s.observed_generation = o.key.generation;
+    let waiting = rollout::waiting_for(o, s);
+    for r in &mut s.retiring {
+        r.waiting_for.clone_from(&waiting);
+    }
     let generation = o.key.generation;
     let pending = pending(o, s);
     let refusal = match (&o.provider, provider) {
@@ -151,6 +156,9 @@ fn degradation(
                 MIN_RENEWAL_WINDOW.as_secs()
             ),
         );
+    }
+    if let Some((reason, message)) = rollout::degradation(o) {
+        return (true, reason, message);
     }
     (
         false,

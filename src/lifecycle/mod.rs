@@ -12,6 +12,7 @@ mod absorb;
 mod conditions;
 mod observe;
 mod plan;
+pub mod rollout;
 mod schedule;
 mod trigger;
 
@@ -43,8 +44,13 @@ pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
 /// 50-character descriptions next to the user's text. `kw:` + the first 8 characters
 /// of the resource UID + `.` + the attempt id.
 pub fn marker(uid: &str, attempt: &str) -> String {
-    let uid: String = uid.chars().filter(|c| *c != '-').take(8).collect();
-    format!("kw:{uid}.{attempt}")
+    format!("kw:{}.{attempt}", uid_prefix(uid))
+}
+
+/// The first 8 characters of a resource UID, without dashes: short, and unique enough
+/// to tell one resource's marks from another's.
+fn uid_prefix(uid: &str) -> String {
+    uid.chars().filter(|c| *c != '-').take(8).collect()
 }
 
 /// The spec fields that shape a key and its Secret.

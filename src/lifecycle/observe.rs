@@ -9,10 +9,10 @@ use std::{
 
 use jiff::Timestamp;
 
-use super::schedule::Timing;
+use super::{rollout::TargetView, schedule::Timing};
 use crate::{
     providers::{Capabilities, IssueRequest, KeyShape, KeyState, Refusal},
-    resources::{DeletionPolicy, IssueAttempt, KeyStatus, Rotation},
+    resources::{DeletionPolicy, IssueAttempt, KeyStatus, RolloutTarget, Rotation},
 };
 
 use super::trigger::Trigger;
@@ -39,6 +39,8 @@ pub struct KeyView {
     pub description: Option<String>,
     /// `spec.expiry`.
     pub requested_lifetime: Option<Duration>,
+    /// `spec.rollout`: the workloads that restart onto each new key.
+    pub rollout: Vec<RolloutTarget>,
 }
 
 /// What keyward's own annotations on a Secret say about the key in it.
@@ -114,6 +116,8 @@ pub struct Run {
     /// Keys whose revocation failed in this reconcile, with the error.
     pub revoke_failed: BTreeMap<String, String>,
     pub inspected: bool,
+    /// Rollout targets whose annotation failed in this reconcile, with the error.
+    pub rollout_failed: BTreeMap<RolloutTarget, String>,
 }
 
 /// Everything the planner looks at.
@@ -129,6 +133,8 @@ pub struct Observed {
     pub secrets: BTreeMap<String, SecretView>,
     /// Secret names read from the API server in this reconcile, not from the cache.
     pub fresh: BTreeSet<String>,
+    /// The `spec.rollout` targets, from the watch cache. Absent: no such workload.
+    pub targets: BTreeMap<RolloutTarget, TargetView>,
     pub provider: ProviderView,
     pub run: Run,
     pub now: Timestamp,
@@ -188,6 +194,12 @@ pub enum Step {
     Inspect(String),
     /// Delete this Secret if the key resource controls it.
     DeleteSecret(String),
+    /// Annotate the target's Pod template with `value` (the current revision), so that
+    /// it rolls out onto the new key.
+    Rollout {
+        target: RolloutTarget,
+        value: String,
+    },
     /// Remove keyward's finalizer (guarded by `resourceVersion`).
     ReleaseFinalizer,
     Done(Wake),
@@ -215,7 +227,11 @@ pub enum Note {
         key_id: String,
         state: String,
     },
-    /// `operation` is `issue`, `revoke`, `recover` or `resolve`.
+    RolledOut {
+        target: String,
+        revision: i64,
+    },
+    /// `operation` is `issue`, `revoke`, `recover`, `resolve` or `rollout`.
     Failed {
         operation: &'static str,
         reason: String,
@@ -267,6 +283,13 @@ impl Note {
                 "KeyInvalid".into(),
                 format!("the upstream reports key {key_id} as {state}"),
             ),
+            Note::RolledOut { target, revision } => (
+                false,
+                "RolloutStarted".into(),
+                format!(
+                    "annotated the Pod template of {target} for revision {revision}: it rolls out onto the new key"
+                ),
+            ),
             Note::Failed {
                 reason, message, ..
             } => (true, reason.clone(), message.clone()),
@@ -300,4 +323,7 @@ pub enum Done {
     RevokeFailed(String),
     Inspected(Result<KeyState, String>),
     SecretDeleted,
+    /// The target as the annotation left it (`None`: it is gone).
+    RolledOut(Option<TargetView>),
+    RolloutFailed(String),
 }

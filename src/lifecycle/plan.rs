@@ -17,6 +17,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use super::{
     conditions::{set_condition, settle},
     observe::{KeyView, Note, Observed, Plan, ProviderView, ReadyProvider, SecretView, Step, Wake},
+    rollout,
     schedule::{
         Renewal, after, backoff_until, ceil_second, floor_second, landing_deadline,
         next_inspection, overlap, renewal_time, send_by,
@@ -59,6 +60,7 @@ fn plan_apply(o: &Observed, p: &mut Plan) -> Step {
     in_flight(o, p, provider)
         .or_else(|| retired_secret(o, p))
         .or_else(|| inspection(o, p, provider))
+        .or_else(|| rollout_step(o, p))
         .or_else(|| issuance(o, p, provider))
         .or_else(|| retirement(o, p))
         .unwrap_or_else(|| finish(o, p, Some(provider)))
@@ -136,6 +138,7 @@ fn adopt(o: &Observed, p: &mut Plan, provider: &ReadyProvider) {
             key_id: previous.clone(),
             revoke_at: Time(revoke_at),
             reason: trigger.reason().to_owned(),
+            waiting_for: Vec::new(),
         });
     }
     if let Some(old) = s.secret_name.take()
@@ -302,12 +305,24 @@ fn issuance(o: &Observed, p: &mut Plan, provider: &ReadyProvider) -> Option<Step
     })
 }
 
-/// Revokes retiring keys whose overlap is over.
+/// Annotates the next rollout target for the revision in the Secret (see [`rollout`]):
+/// before a new issuance and before retirement, so that no target is left on a key
+/// that is revoked before the target was told to move off it.
+fn rollout_step(o: &Observed, p: &Plan) -> Option<Step> {
+    let (target, value) = rollout::due(o, &p.status)?;
+    Some(Step::Rollout { target, value })
+}
+
+/// Revokes retiring keys whose overlap is over — or, with `retire: AfterRollout`, as
+/// soon as every rollout target runs the new key.
 fn retirement(o: &Observed, p: &Plan) -> Option<Step> {
+    let rolled_out = rollout::finished(o, &p.status);
     p.status
         .retiring
         .iter()
-        .find(|r| r.revoke_at.0 <= o.now && !o.run.revoke_failed.contains_key(&r.key_id))
+        .find(|r| {
+            (rolled_out || r.revoke_at.0 <= o.now) && !o.run.revoke_failed.contains_key(&r.key_id)
+        })
         .map(|r| Step::Revoke(r.key_id.clone()))
 }
 
@@ -381,6 +396,7 @@ fn wake(o: &Observed, s: &KeyStatus, provider: Option<&ReadyProvider>) -> Wake {
     if provider.refusal.is_some()
         || !o.run.revoke_failed.is_empty()
         || o.run.orphans_failed.is_some()
+        || !o.run.rollout_failed.is_empty()
     {
         return Wake::Retry;
     }
@@ -552,11 +568,13 @@ mod tests {
                 key_shape: KeyShape::default(),
                 description: None,
                 requested_lifetime: Some(Duration::from_secs(86400)),
+                rollout: Vec::new(),
             },
             stored: KeyStatus::default(),
             status: KeyStatus::default(),
             secrets: BTreeMap::new(),
             fresh: BTreeSet::new(),
+            targets: BTreeMap::new(),
             provider: ProviderView::Ready(ReadyProvider {
                 caps: Capabilities {
                     local,

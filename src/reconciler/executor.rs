@@ -18,13 +18,13 @@ use crate::{
     context::{CrashPoint, Error, Result},
     lifecycle::{
         self, Done, Failure, IssuedFacts, Note, Observed, ProviderView, ReadyProvider, Run, Step,
-        Timing, Wake,
+        Timing, Wake, rollout::TargetView,
     },
     providers::{
         Interrupted, IssueRequest, IssuedKey, KeyApi, ProviderError, Refusal, SecretValue,
     },
     resolve::Resolution,
-    resources::{IssueAttempt, KeyStatus},
+    resources::{IssueAttempt, KeyStatus, RolloutTarget},
     secret,
 };
 
@@ -60,6 +60,17 @@ pub trait World<K: ManagedKey>: Send + Sync {
     ) -> Result<Secret>;
     /// Deletes the Secret `name` if its uid is still `uid`.
     async fn delete_secret(&self, key: &K, name: &str, uid: &str) -> Result<()>;
+    /// The rollout target in the key's namespace, from the watch cache (`None`: no
+    /// such workload).
+    fn cached_target(&self, key: &K, target: &RolloutTarget) -> Option<TargetView>;
+    /// Sets the key's annotation on the target's Pod template to `value`, touching
+    /// nothing else; `None`: the target is gone.
+    async fn annotate_target(
+        &self,
+        key: &K,
+        target: &RolloutTarget,
+        value: &str,
+    ) -> Result<Option<TargetView>>;
     async fn resolve(&self, key: &K) -> Result<Resolution>;
     /// Creates a key, within the issue deadline.
     async fn issue(
@@ -111,7 +122,12 @@ pub async fn reconcile<K: ManagedKey, W: World<K>>(world: &W, key: &K) -> Result
             }
         };
         let notes = lifecycle::absorb(&mut e.o, &step, done);
-        e.pending.extend(notes);
+        if matches!(step, Step::Rollout { .. }) {
+            // The annotation on the workload is the record of its rollout.
+            e.committed.extend(notes);
+        } else {
+            e.pending.extend(notes);
+        }
     }
     Err(Error::Retry(format!(
         "the plan did not settle within {MAX_STEPS} steps"
@@ -151,6 +167,7 @@ impl<'w, K: ManagedKey, W: World<K>> Execution<'w, K, W> {
             stored,
             secrets: Default::default(),
             fresh: BTreeSet::new(),
+            targets: Default::default(),
             provider: ProviderView::Unresolved,
             run: Run::default(),
             now: world.now(),
@@ -158,6 +175,7 @@ impl<'w, K: ManagedKey, W: World<K>> Execution<'w, K, W> {
             next_attempt_id: String::new(),
         };
         observe_secrets(world, &current, &mut o);
+        observe_targets(world, &current, &mut o);
         Self {
             world,
             current,
@@ -257,6 +275,18 @@ impl<'w, K: ManagedKey, W: World<K>> Execution<'w, K, W> {
                 }
                 Done::SecretDeleted
             }
+            Step::Rollout { target, value } => {
+                match world.annotate_target(key, target, value).await {
+                    Ok(view) => {
+                        if let Some(v) = &view {
+                            world.memo().wrote_target(&target_id(key, target), v);
+                        }
+                        Done::RolledOut(view)
+                    }
+                    Err(Error::Kube(e)) => Done::RolloutFailed(e.to_string()),
+                    Err(e) => return Err(e),
+                }
+            }
         })))
     }
 
@@ -310,6 +340,7 @@ impl<'w, K: ManagedKey, W: World<K>> Execution<'w, K, W> {
         self.o.status = status;
         self.current = object;
         observe_secrets(self.world, &self.current, &mut self.o);
+        observe_targets(self.world, &self.current, &mut self.o);
     }
 
     fn commit(&mut self) {
@@ -484,4 +515,26 @@ fn observe_secrets<K: ManagedKey, W: World<K>>(world: &W, key: &K, o: &mut Obser
             }
         }
     }
+}
+
+/// The `spec.rollout` targets, from the watch cache. A target already observed in this
+/// reconcile keeps what it was seen as (an annotation's answer is fresher than the cache).
+fn observe_targets<K: ManagedKey, W: World<K>>(world: &W, key: &K, o: &mut Observed) {
+    let wanted = &o.key.rollout;
+    o.targets.retain(|t, _| wanted.contains(t));
+    for target in wanted {
+        if o.targets.contains_key(target) {
+            continue;
+        }
+        let cached = world.cached_target(key, target);
+        if let Some(view) = world.memo().target(&target_id(key, target), cached) {
+            o.targets.insert(target.clone(), view);
+        }
+    }
+}
+
+/// What the memo knows a target's annotation by: the target and the key's annotation.
+fn target_id<K: ManagedKey>(key: &K, target: &RolloutTarget) -> String {
+    let namespace = key.namespace().unwrap_or_default();
+    format!("{namespace}/{target}/{}", super::rollout_annotation(key))
 }

@@ -22,6 +22,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 
 use super::ManagedKey;
+use crate::lifecycle::rollout::TargetView;
 
 type Entry = (u64, Arc<dyn Any + Send + Sync>);
 
@@ -29,6 +30,9 @@ type Entry = (u64, Arc<dyn Any + Send + Sync>);
 pub struct Memo {
     keys: Mutex<HashMap<String, Entry>>,
     secrets: Mutex<HashMap<String, (u64, Arc<Secret>)>>,
+    /// Rollout targets as this process's annotations of them answered, by target and
+    /// annotation.
+    targets: Mutex<HashMap<String, (u64, TargetView)>>,
     /// Keys a write of this process failed on without saying whether it went through
     /// (a 5xx, a timeout): neither the cache nor the memo can be trusted for them
     /// until they are read again.
@@ -64,6 +68,26 @@ fn caught_up<T>(written: &mut HashMap<String, (u64, T)>, id: String, seen: Optio
             own
         }
         _ => false,
+    }
+}
+
+/// The newer of `cached` and what was written under `id` (by `version`). Not in the
+/// cache: deleted since it was written, or not seen yet — taken as absent.
+fn newer<T: Clone>(
+    written: &mut HashMap<String, (u64, T)>,
+    id: &str,
+    cached: Option<T>,
+    version_of: impl Fn(&T) -> Option<String>,
+) -> Option<T> {
+    let Some((at, object)) = written.get(id) else {
+        return cached;
+    };
+    match version(version_of(cached.as_ref()?)) {
+        Some(cache) if cache < *at => Some(object.clone()),
+        _ => {
+            written.remove(id);
+            cached
+        }
     }
 }
 
@@ -136,21 +160,28 @@ impl Memo {
         name: &str,
         cached: Option<Arc<Secret>>,
     ) -> Option<Arc<Secret>> {
+        // A trigger read off an absent Secret is confirmed by a fresh read before
+        // anything is issued.
         let mut secrets = self.secrets.lock().expect("memo lock");
-        let id = secret_id(namespace, name);
-        let Some((written, object)) = secrets.get(&id) else {
-            return cached;
-        };
-        // Not in the cache: deleted since keyward wrote it, or not seen yet. Taken as
-        // absent; a trigger read off an absent Secret is confirmed by a fresh read
-        // before anything is issued.
-        let cache = version(cached.as_ref()?.resource_version());
-        match cache {
-            Some(cache) if cache < *written => Some(object.clone()),
-            _ => {
-                secrets.remove(&id);
-                cached
-            }
+        newer(&mut secrets, &secret_id(namespace, name), cached, |s| {
+            s.resource_version()
+        })
+    }
+
+    /// The newer of the cached rollout target and what this process's annotation of
+    /// it answered: a reconcile started before the cache saw the annotation does not
+    /// write it again.
+    pub fn target(&self, id: &str, cached: Option<TargetView>) -> Option<TargetView> {
+        let mut targets = self.targets.lock().expect("memo lock");
+        newer(&mut targets, id, cached, |t| t.resource_version.clone())
+    }
+
+    pub fn wrote_target(&self, id: &str, written: &TargetView) {
+        if let Some(rv) = version(written.resource_version.clone()) {
+            self.targets
+                .lock()
+                .expect("memo lock")
+                .insert(id.to_owned(), (rv, written.clone()));
         }
     }
 

@@ -16,6 +16,7 @@
 
 mod executor;
 mod memo;
+mod rollout;
 mod watches;
 mod world;
 
@@ -39,6 +40,7 @@ use tracing::warn;
 pub use crate::context::{Context, CrashPoint, Error, Faults, MANAGER, NoFaults, Result, Settings};
 pub use executor::{World, reconcile as execute};
 pub use memo::Memo;
+pub use rollout::Workloads;
 pub use watches::Shared;
 pub use world::KubeWorld;
 
@@ -50,7 +52,8 @@ use crate::{
     resolve::{Caches, KeyApis},
     resources::{
         AuthKey, ClusterKeyProvider, DeletionPolicy, IssueAttempt, KeyDuration, KeyProvider,
-        KeyStatus, ProviderKind, ProviderRef, Rotation, SecretSpec, ServiceAccountKey,
+        KeyStatus, ProviderKind, ProviderRef, RolloutTarget, Rotation, SecretSpec,
+        ServiceAccountKey,
     },
     secret,
 };
@@ -79,6 +82,7 @@ pub trait ManagedKey:
     fn description(&self) -> Option<&str>;
     fn shape(&self) -> KeyShape;
     fn key_status(&self) -> Option<&KeyStatus>;
+    fn rollout(&self) -> &[RolloutTarget];
 }
 
 /// The accessors both key kinds answer from identically named spec fields.
@@ -104,6 +108,9 @@ macro_rules! shared_key_fields {
         }
         fn key_status(&self) -> Option<&KeyStatus> {
             self.status.as_ref()
+        }
+        fn rollout(&self) -> &[RolloutTarget] {
+            &self.spec.rollout
         }
     };
 }
@@ -167,7 +174,13 @@ pub fn key_view<K: ManagedKey>(key: &K) -> KeyView {
         key_shape: shape,
         description: key.description().map(str::to_owned),
         requested_lifetime: key.expiry().and_then(|d| d.to_std()),
+        rollout: key.rollout().to_vec(),
     }
+}
+
+/// The Pod-template annotation this key writes on its rollout targets.
+pub fn rollout_annotation<K: ManagedKey>(key: &K) -> String {
+    lifecycle::rollout::annotation_key(K::KIND, &key.name_any())
 }
 
 /// The Secret holding the key issued for `attempt`: rendered data, the template's
@@ -316,6 +329,7 @@ fn naming<K: ManagedKey>(
 async fn run_kind<K: ManagedKey>(
     world: Arc<KubeWorld>,
     triggers: Triggers<K>,
+    workloads: Arc<Workloads>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
     let by_provider = triggers.keys.clone();
@@ -329,7 +343,8 @@ async fn run_kind<K: ManagedKey>(
         let echo = matches!(event, Ok(s) if secrets_written.memo().seen_secret(s));
         futures::future::ready(!echo)
     });
-    Controller::for_stream(own, triggers.keys)
+    workloads
+        .wake(Controller::for_stream(own, triggers.keys))
         .owns_stream(secrets)
         .watches_stream(triggers.providers, move |provider: KeyProvider| {
             let (ns, name) = (provider.namespace(), provider.name_any());
@@ -407,11 +422,12 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
     let mut provider_watches = Vec::new();
     for ns in ctx.settings.watched_namespaces() {
         let ns = ns.as_deref();
-        let (secrets, providers, auth_keys, account_keys) = futures::join!(
+        let (secrets, providers, auth_keys, account_keys, workloads) = futures::join!(
             watch_secrets(&ctx, ns, shutdown.clone()),
             Shared::<KeyProvider>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
             Shared::<AuthKey>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
             Shared::<ServiceAccountKey>::start(scoped(&ctx, ns), all.clone(), shutdown.clone()),
+            Workloads::watch(&ctx.client, ns, shutdown.clone()),
         );
         let caches = Caches {
             key_providers: providers.store.clone(),
@@ -419,12 +435,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
             namespaces: namespaces.store.clone(),
             apis: apis.clone(),
         };
-        let world = Arc::new(KubeWorld::new(ctx.clone(), secrets.store.clone(), caches));
+        let world = Arc::new(KubeWorld::new(
+            ctx.clone(),
+            secrets.store.clone(),
+            caches,
+            workloads.clone(),
+        ));
         let shared = (&secrets, &providers, &cluster_providers);
         let auth = Triggers::of(&auth_keys, shared);
-        controllers.push(run_kind(world.clone(), auth, shutdown.clone()).boxed());
+        controllers.push(run_kind(world.clone(), auth, workloads.clone(), shutdown.clone()).boxed());
         let account = Triggers::of(&account_keys, shared);
-        controllers.push(run_kind(world, account, shutdown.clone()).boxed());
+        controllers.push(run_kind(world, account, workloads, shutdown.clone()).boxed());
         provider_watches.push(provider_status::Watch {
             trigger: providers.objects().boxed(),
             store: providers.store.clone(),

@@ -49,12 +49,26 @@ where
         config: watcher::Config,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Self {
+        Self::start_with(api, config, |_| {}, shutdown).await
+    }
+
+    /// [`Self::start`], each object cut down further by `cut` before it is cached and
+    /// fanned out: the cache then holds what keyward reads, not whole objects.
+    pub async fn start_with(
+        api: Api<T>,
+        config: watcher::Config,
+        mut cut: impl FnMut(&mut T) + Send + 'static,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
         let (store, writer) = reflector::store();
         let subscribers: std::sync::Arc<Mutex<Vec<mpsc::UnboundedSender<T>>>> = Default::default();
         let fan_out = subscribers.clone();
         let events = watcher(api, config)
             .default_backoff()
-            .modify(trim)
+            .modify(move |object| {
+                trim(object);
+                cut(object);
+            })
             .reflect(writer)
             .touched_objects()
             .for_each(move |event| {

@@ -13,15 +13,15 @@ use kube::{
 };
 use tracing::info;
 
-use super::{ManagedKey, World, memo::Memo};
+use super::{ManagedKey, Workloads, World, memo::Memo, rollout, rollout_annotation};
 use crate::{
     context::{self, Context, CrashPoint, MANAGER, Result},
     events::Occurrence,
-    lifecycle::{Note, Timing},
+    lifecycle::{Note, Timing, rollout::TargetView},
     metrics::{self, KeyRef},
     providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
     resolve::{self, Caches, KeyRequest, Resolution},
-    resources::KeyStatus,
+    resources::{KeyStatus, RolloutTarget},
 };
 
 pub struct KubeWorld {
@@ -29,15 +29,22 @@ pub struct KubeWorld {
     secrets: Store<Secret>,
     /// What providers are resolved from.
     caches: Caches,
+    workloads: Arc<Workloads>,
     memo: Memo,
 }
 
 impl KubeWorld {
-    pub fn new(ctx: Arc<Context>, secrets: Store<Secret>, caches: Caches) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        secrets: Store<Secret>,
+        caches: Caches,
+        workloads: Arc<Workloads>,
+    ) -> Self {
         Self {
             ctx,
             secrets,
             caches,
+            workloads,
             memo: Memo::default(),
         }
     }
@@ -150,6 +157,24 @@ impl<K: ManagedKey> World<K> for KubeWorld {
         }
     }
 
+    fn cached_target(&self, key: &K, target: &RolloutTarget) -> Option<TargetView> {
+        let namespace = key.namespace().unwrap_or_default();
+        self.workloads
+            .view(&namespace, target, &rollout_annotation(key))
+    }
+
+    async fn annotate_target(
+        &self,
+        key: &K,
+        target: &RolloutTarget,
+        value: &str,
+    ) -> Result<Option<TargetView>> {
+        self.ctx.alive()?;
+        let namespace = key.namespace().unwrap_or_default();
+        let annotation = rollout_annotation(key);
+        rollout::annotate(&self.ctx.client, &namespace, target, &annotation, value).await
+    }
+
     async fn resolve(&self, key: &K) -> Result<Resolution> {
         self.ctx.alive()?;
         let namespace = key.namespace().unwrap_or_default();
@@ -202,6 +227,9 @@ impl<K: ManagedKey> World<K> for KubeWorld {
             }
             Note::KeyInvalid { key_id, state } => {
                 info!(kind = K::KIND, name = %key.name_any(), key_id = %key_id, state = %state, "upstream reports the key as no longer usable");
+            }
+            Note::RolledOut { target, revision } => {
+                info!(kind = K::KIND, namespace = %key.namespace().unwrap_or_default(), name = %key.name_any(), target = %target, revision, "annotated a rollout target");
             }
             Note::Failed { operation, .. } => metrics::global().failed(&key_ref, operation),
         }

@@ -11,7 +11,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::shared::{KeyDuration, Tag};
+use super::{
+    rollout::{Retire, RolloutTarget},
+    shared::{KeyDuration, Tag},
+};
 
 /// Which kind of provider a key's `providerRef` names.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -58,6 +61,11 @@ pub struct Rotation {
     /// can tell). Default: 1h; at least 10s.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inspect_interval: Option<KeyDuration>,
+    /// When the previous key is revoked: `AfterOverlap` (default) when the overlap
+    /// ends; `AfterRollout` as soon as every `rollout` target runs the new key, and at
+    /// the latest when the overlap ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire: Option<Retire>,
 }
 
 /// Extra Secret content rendered from the key. `{{ key }}` is the key value; every
@@ -161,6 +169,7 @@ pub enum DeletionPolicy {
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBeforePercentage) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry).getSeconds() * (100 - self.rotation.renewBeforePercentage) >= 1000").message("rotation.renewBeforePercentage leaves less than 10s of the lifetime between issuing a key and renewing it: lower the percentage or lengthen expiry"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+#[x_kube(validation = Rule::new("!has(self.rotation) || !has(self.rotation.retire) || self.rotation.retire != 'AfterRollout' || (has(self.rollout) && size(self.rollout) > 0)").message("rotation.retire: AfterRollout needs spec.rollout targets to wait for: list the workloads that read the Secret, or use AfterOverlap"))]
 pub struct AuthKeySpec {
     /// The provider that issues the key.
     pub provider_ref: ProviderRef,
@@ -192,6 +201,12 @@ pub struct AuthKeySpec {
     /// The Secret the key is written into.
     #[serde(default)]
     pub secret: SecretSpec,
+    /// Workloads in this namespace that restart onto each new key (their Pod template
+    /// is annotated once per revision); see docs/workloads.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["kind".into(), "name".into()]))]
+    pub rollout: Vec<RolloutTarget>,
     /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -260,6 +275,7 @@ fn default_true() -> bool {
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.renewBeforePercentage) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry).getSeconds() * (100 - self.rotation.renewBeforePercentage) >= 1000").message("rotation.renewBeforePercentage leaves less than 10s of the lifetime between issuing a key and renewing it: lower the percentage or lengthen expiry"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !has(self.rotation) || !has(self.rotation.overlap) || !self.expiry.matches('^([0-9]+[hms])+$') || !self.rotation.overlap.matches('^([0-9]+[hms])+$') || duration(self.rotation.overlap) < duration(self.expiry)").message("rotation.overlap must be shorter than expiry: the old key cannot outlive its own lifetime"))]
 #[x_kube(validation = Rule::new("!has(self.expiry) || !self.expiry.matches('^([0-9]+[hms])+$') || duration(self.expiry) >= duration('1m')").message("expiry must be at least 1m"))]
+#[x_kube(validation = Rule::new("!has(self.rotation) || !has(self.rotation.retire) || self.rotation.retire != 'AfterRollout' || (has(self.rollout) && size(self.rollout) > 0)").message("rotation.retire: AfterRollout needs spec.rollout targets to wait for: list the workloads that read the Secret, or use AfterOverlap"))]
 pub struct ServiceAccountKeySpec {
     /// The provider that issues the key.
     pub provider_ref: ProviderRef,
@@ -287,6 +303,12 @@ pub struct ServiceAccountKeySpec {
     /// The Secret the key is written into.
     #[serde(default)]
     pub secret: SecretSpec,
+    /// Workloads in this namespace that restart onto each new key (their Pod template
+    /// is annotated once per revision); see docs/workloads.md.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["kind".into(), "name".into()]))]
+    pub rollout: Vec<RolloutTarget>,
     /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -312,6 +334,10 @@ pub struct RetiringKey {
     /// Why it was replaced (e.g. `Renewing`, `ForcedRotation`, `SpecChanged`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// With `rotation.retire: AfterRollout`: the rollout targets that do not run the
+    /// new key yet (e.g. `Deployment/web`); the key is revoked once none is left.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting_for: Vec<String>,
 }
 
 /// An issuance in flight, recorded in status before the upstream call so that a

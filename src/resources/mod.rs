@@ -6,10 +6,12 @@
 
 mod key;
 mod provider;
+mod rollout;
 mod shared;
 
 pub use key::*;
 pub use provider::*;
+pub use rollout::*;
 pub use shared::*;
 
 /// API group of every keyward resource.

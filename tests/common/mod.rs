@@ -14,7 +14,9 @@
 
 mod harness;
 pub mod requests;
+pub mod operator;
 pub mod upstream;
+pub mod workloads;
 
 /// Gives a test's `Harness { cluster: Cluster, … }` the `Cluster`'s fields and methods.
 #[allow(unused_macros)]

@@ -15,6 +15,8 @@
 //!   came before its attempt started (no loop, no double issuance);
 //! - I4 `Ready` for generation g ⇒ the Secret holds a live key issued for g's shape;
 //! - I5 no key value in status, events or errors;
+//! - I6, I7 workloads that follow their keys (`simulation/rollout.rs`): one template
+//!   annotation per revision, after the Secret changed, before the old key is revoked;
 //! - and at the end, every resource settled: Ready for its spec, or gone.
 //!
 //! Run: `cargo test --test simulation` (CI: `KEYWARD_SIM_SCHEDULES`, default 10,000).
@@ -24,6 +26,7 @@
 
 mod model;
 mod rng;
+mod rollout;
 mod world;
 
 use std::{
@@ -43,7 +46,7 @@ use keyward::{
     providers::{KeyShape, ProviderError},
     resources::{
         AuthKey, AuthKeySpec, DeletionPolicy, KeyDuration, KeyStatus, ProviderKind, ProviderRef,
-        Rotation, SecretSpec, Tag,
+        RolloutTarget, Rotation, SecretSpec, Tag,
     },
 };
 use kube::ResourceExt;
@@ -69,6 +72,7 @@ const REGRESSIONS: &[(u64, &str)] = &[
 pub struct Cache {
     pub keys: BTreeMap<String, AuthKey>,
     pub secrets: BTreeMap<String, Secret>,
+    pub workloads: BTreeMap<RolloutTarget, model::Workload>,
     cursor: usize,
 }
 
@@ -108,6 +112,9 @@ pub struct Sim {
     attempt_seq: BTreeMap<String, (u64, Timestamp)>,
     values: Vec<String>,
     verbose: bool,
+    /// Draws what only rollout schedules do, so that no other schedule changes.
+    rollout_rng: Rng,
+    rollouts: rollout::Ledger,
 }
 
 impl Sim {
@@ -221,10 +228,32 @@ impl Sim {
                 }
             }
             Op::ApplySecret(secret, expected) if !kube_fault || self.rng.chance(500) => {
-                match self.api.apply_secret(secret, expected.as_deref()) {
+                let applied = self.api.apply_secret(secret, expected.as_deref());
+                if let Ok(written) = &applied {
+                    self.rollouts.secret_written(written);
+                }
+                match applied {
                     _ if kube_fault => Reply::KubeFailed,
                     Ok(written) => Reply::Applied(Box::new(written)),
                     Err(r) => Reply::Status(Err(r)),
+                }
+            }
+            Op::Annotate(target, annotation, value) => {
+                let lands = !kube_fault || self.rng.chance(500);
+                if lands {
+                    self.rollouts
+                        .annotating(&self.api, target, annotation, value);
+                }
+                let workload = lands
+                    .then(|| self.api.annotate(target, annotation, value))
+                    .flatten();
+                if kube_fault {
+                    if answered {
+                        self.rollouts.annotate_failed(target, value);
+                    }
+                    Reply::KubeFailed
+                } else {
+                    Reply::Workload(workload)
                 }
             }
             Op::DeleteSecret(name, uid) if !kube_fault || self.rng.chance(500) => {
@@ -250,6 +279,7 @@ impl Sim {
             Op::Revoke(id) => match up_fault {
                 Some(0) => Reply::Upstream(Err(ProviderError::Unavailable("503".into()))),
                 fault => {
+                    self.revoking(id);
                     self.upstream.revoke(id);
                     match fault {
                         Some(_) => {
@@ -327,6 +357,11 @@ impl Sim {
         }
     }
 
+    /// I7 for a key keyward revokes (upstream, or a local key that needs no call).
+    pub fn revoking(&self, key_id: &str) {
+        self.rollouts.revoking(&self.api, self.now, key_id);
+    }
+
     fn check_no_values(&mut self, text: &str, what: &str) {
         if let Some(v) = self.values.iter().find(|v| text.contains(v.as_str())) {
             panic!("I5: a key value ({v}) appears in {what}: {text}");
@@ -392,6 +427,8 @@ enum Event {
     Restart,
     User,
     Garbage,
+    /// A workload's controller finishes its rollout.
+    Rollout,
     Tick,
 }
 
@@ -465,6 +502,7 @@ fn spec(rng: &mut Rng, name: &str) -> (AuthKeySpec, Option<String>) {
             key: "TOKEN".into(),
             template: None,
         },
+        rollout: Vec::new(),
         deletion_policy: if rng.chance(150) {
             DeletionPolicy::Retain
         } else {
@@ -510,11 +548,15 @@ impl Schedule {
             attempt_seq: BTreeMap::new(),
             values: Vec::new(),
             verbose,
+            rollout_rng: Rng::new(seed ^ 0x726f_6c6c_6f75_7421),
+            rollouts: Default::default(),
         };
+        sim.rollouts = rollout::Ledger::setup(&mut sim.rollout_rng, &mut sim.api);
         let mut ledgers = BTreeMap::new();
         for i in 0..keys {
             let name = format!("k{i}");
-            let (spec, rotate) = spec(&mut sim.rng, &name);
+            let (mut spec, rotate) = spec(&mut sim.rng, &name);
+            sim.rollouts.spec(&mut sim.rollout_rng, &mut spec);
             let policy = spec.deletion_policy;
             sim.api.create_key(&name, spec, rotate);
             sim.seq += 1;
@@ -672,6 +714,9 @@ impl Schedule {
         if has_garbage(&sim.api) {
             c.push((Event::Garbage, 5));
         }
+        if sim.api.workloads.values().any(rolling) {
+            c.push((Event::Rollout, 6));
+        }
         c.push((Event::Tick, if c.is_empty() { 1 } else { 3 }));
         c
     }
@@ -689,6 +734,7 @@ impl Schedule {
             Event::Crash => self.crash(),
             Event::Restart => self.restart(),
             Event::User => self.user_action(),
+            Event::Rollout => self.finish_rollout(),
             Event::Garbage => {
                 let mut sim = self.lock();
                 sim.seq += 1;
@@ -740,6 +786,23 @@ impl Schedule {
         }
     }
 
+    fn finish_rollout(&mut self) {
+        let mut sim = self.lock();
+        let rolling: Vec<RolloutTarget> = sim
+            .api
+            .workloads
+            .iter()
+            .filter(|(_, w)| rolling(w))
+            .map(|(t, _)| t.clone())
+            .collect();
+        let target = rolling[sim.rng.below(rolling.len() as u64) as usize].clone();
+        sim.seq += 1;
+        sim.log(|| format!("{target} finished its rollout"));
+        sim.api.finish_rollout(&target);
+        let Sim { rollouts, api, .. } = &mut *sim;
+        rollouts.rolled_out(&target, api);
+    }
+
     fn deliver_one(&mut self) {
         let mut sim = self.lock();
         let lagging: Vec<usize> = (0..sim.instances.len())
@@ -752,13 +815,23 @@ impl Schedule {
         let change = sim.api.log[sim.instances[i].cache.cursor].clone();
         let inst = &mut sim.instances[i];
         inst.cache.cursor += 1;
-        let owner = match change {
+        let owners = match change {
             Change::Key(name, object) => {
                 match object {
                     Some(k) => inst.cache.keys.insert(name.clone(), *k),
                     None => inst.cache.keys.remove(&name),
                 };
-                Some(name)
+                vec![name]
+            }
+            Change::Workload(target, object) => {
+                match object {
+                    Some(w) => inst.cache.workloads.insert(target.clone(), *w),
+                    None => inst.cache.workloads.remove(&target),
+                };
+                let keys = inst.cache.keys.values();
+                keys.filter(|k| k.spec.rollout.contains(&target))
+                    .map(|k| k.name_any())
+                    .collect()
             }
             Change::Secret(name, object) => {
                 let owner = object
@@ -769,10 +842,10 @@ impl Schedule {
                     Some(s) => inst.cache.secrets.insert(name, *s),
                     None => inst.cache.secrets.remove(&name),
                 };
-                owner
+                owner.into_iter().collect()
             }
         };
-        if let Some(name) = owner {
+        for name in owners {
             inst.queue.insert(name, now);
         }
     }
@@ -813,6 +886,7 @@ impl Schedule {
         let now = sim.now;
         let keys = sim.api.keys.clone();
         let secrets = sim.api.secrets.clone();
+        let workloads = sim.api.workloads.clone();
         let cursor = sim.api.log.len();
         let Some(inst) = sim.instances.iter_mut().find(|i| !i.alive) else {
             return;
@@ -822,6 +896,7 @@ impl Schedule {
         inst.cache = Cache {
             keys,
             secrets,
+            workloads,
             cursor,
         };
         sim.seq += 1;
@@ -882,6 +957,10 @@ impl Schedule {
     fn user_action(&mut self) {
         self.user_budget -= 1;
         let mut sim = self.lock();
+        if !sim.api.workloads.is_empty() && sim.rollout_rng.chance(250) {
+            sim.seq += 1;
+            return workload_action(&mut sim);
+        }
         let names: Vec<String> = sim.api.keys.keys().cloned().collect();
         if names.is_empty() {
             return;
@@ -938,6 +1017,9 @@ impl Schedule {
             }
         };
         sim.log(|| format!("USER action {kind} on {name} (trigger: {trigger})"));
+        if trigger && (kind == 4 || kind == 5) {
+            sim.rollouts.tampered.insert(name.clone());
+        }
         drop(sim);
         if trigger && let Some(l) = self.ledgers.get_mut(&name) {
             l.triggers.push(seq);
@@ -1193,7 +1275,26 @@ fn is_settled(sim: &Sim, key: &AuthKey) -> bool {
         .as_ref()
         .and_then(|id| sim.upstream.keys.get(id))
         .is_some_and(|k| !k.revoked);
-    ready && rotate_done && secret_ok && issued_live
+    ready && rotate_done && secret_ok && issued_live && rollout::annotated(&sim.api, key)
+}
+
+/// A user redeploys a workload (a rollout of its own), or creates `ghost`, a target
+/// some keys name before it exists.
+fn workload_action(sim: &mut Sim) {
+    let ghost = rollout::ghost();
+    if !sim.api.workloads.contains_key(&ghost) && sim.rollout_rng.chance(400) {
+        sim.log(|| format!("USER creates {ghost}"));
+        return sim.api.create_workload(&ghost, false);
+    }
+    let targets: Vec<RolloutTarget> = sim.api.workloads.keys().cloned().collect();
+    let target = targets[sim.rollout_rng.below(targets.len() as u64) as usize].clone();
+    sim.log(|| format!("USER redeploys {target}"));
+    sim.api.redeploy(&target);
+}
+
+/// A workload whose controller has a rollout to finish.
+fn rolling(w: &model::Workload) -> bool {
+    !w.stuck && w.observed < w.generation
 }
 
 /// Runs one schedule; panics (with the seed in the message) on a violation.
@@ -1204,11 +1305,13 @@ fn run(seed: u64, verbose: bool) {
         let now = sim.now;
         let keys = sim.api.keys.clone();
         let cursor = sim.api.log.len();
+        let workloads = sim.api.workloads.clone();
         let inst = &mut sim.instances[0];
         inst.queue = keys.keys().map(|k| (k.clone(), now)).collect();
         inst.cache = Cache {
             keys,
             secrets: BTreeMap::new(),
+            workloads,
             cursor,
         };
     }

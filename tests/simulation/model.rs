@@ -17,8 +17,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
 };
 use keyward::{
+    lifecycle::rollout::TargetView,
     providers::IssueRequest,
-    resources::{AuthKey, AuthKeySpec, KeyStatus},
+    resources::{AuthKey, AuthKeySpec, KeyStatus, RolloutTarget},
 };
 use kube::ResourceExt;
 
@@ -27,6 +28,7 @@ use kube::ResourceExt;
 pub enum Change {
     Key(String, Option<Box<AuthKey>>),
     Secret(String, Option<Box<Secret>>),
+    Workload(RolloutTarget, Option<Box<Workload>>),
 }
 
 /// Why the model refused a write.
@@ -42,6 +44,7 @@ pub struct ApiServer {
     uids: u64,
     pub keys: BTreeMap<String, AuthKey>,
     pub secrets: BTreeMap<String, Secret>,
+    pub workloads: BTreeMap<RolloutTarget, Workload>,
     pub log: Vec<Change>,
     /// Secrets whose data a user changed (or deleted) since keyward last wrote them.
     pub tampered: BTreeMap<String, bool>,
@@ -68,7 +71,44 @@ impl ApiServer {
         self.log.push(Change::Secret(name.to_owned(), object));
     }
 
+    fn log_workload(&mut self, target: &RolloutTarget) {
+        let rv = self.bump();
+        if let Some(w) = self.workloads.get_mut(target) {
+            w.resource_version = rv;
+        }
+        let object = self.workloads.get(target).cloned().map(Box::new);
+        self.log.push(Change::Workload(target.clone(), object));
+    }
+
     // --- what users do ---
+
+    pub fn create_workload(&mut self, target: &RolloutTarget, stuck: bool) {
+        let workload = Workload {
+            generation: 1,
+            observed: 1,
+            template: BTreeMap::new(),
+            stuck,
+            resource_version: String::new(),
+        };
+        self.workloads.insert(target.clone(), workload);
+        self.log_workload(target);
+    }
+
+    /// A user's own change of the Pod template (a new image): another rollout.
+    pub fn redeploy(&mut self, target: &RolloutTarget) {
+        if let Some(w) = self.workloads.get_mut(target) {
+            w.generation += 1;
+            self.log_workload(target);
+        }
+    }
+
+    /// The workload's controller catches up with its template: Pods replaced, ready.
+    pub fn finish_rollout(&mut self, target: &RolloutTarget) {
+        if let Some(w) = self.workloads.get_mut(target) {
+            w.observed = w.generation;
+            self.log_workload(target);
+        }
+    }
 
     pub fn create_key(&mut self, name: &str, spec: AuthKeySpec, rotate: Option<String>) {
         let mut key = AuthKey::new(name, spec);
@@ -253,6 +293,18 @@ impl ApiServer {
         Ok(written)
     }
 
+    /// A merge patch of one Pod-template annotation: a new value moves the generation
+    /// (a rollout), the same value changes nothing.
+    pub fn annotate(&mut self, target: &RolloutTarget, key: &str, value: &str) -> Option<Workload> {
+        let w = self.workloads.get_mut(target)?;
+        if w.template.get(key).map(String::as_str) != Some(value) {
+            w.template.insert(key.to_owned(), value.to_owned());
+            w.generation += 1;
+            self.log_workload(target);
+        }
+        self.workloads.get(target).cloned()
+    }
+
     pub fn delete_secret(&mut self, name: &str, uid: &str) {
         if self
             .secrets
@@ -390,5 +442,31 @@ impl Upstream {
 
     pub fn by_value(&self, value: &str) -> Option<&UpstreamKey> {
         self.keys.values().find(|k| k.value == value)
+    }
+}
+
+/// A Deployment, StatefulSet or DaemonSet, as far as rollouts go: a generation that
+/// moves with its Pod template, and a controller that catches up with it — or, for a
+/// workload whose Pods never become ready, never does.
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub generation: i64,
+    pub observed: i64,
+    pub template: BTreeMap<String, String>,
+    pub stuck: bool,
+    pub resource_version: String,
+}
+
+impl Workload {
+    pub fn rolled_out(&self) -> bool {
+        !self.stuck && self.observed >= self.generation
+    }
+
+    pub fn view(&self, annotation: &str) -> TargetView {
+        TargetView {
+            resource_version: Some(self.resource_version.clone()),
+            annotation: self.template.get(annotation).cloned(),
+            rolled_out: self.rolled_out(),
+        }
     }
 }

@@ -16,18 +16,21 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use keyward::{
     context::{CrashPoint, Error, Result},
-    lifecycle::{Note, Timing},
+    lifecycle::{Note, Timing, rollout::TargetView},
     providers::{
         Capabilities, Interrupted, IssueRequest, IssuedKey, KeyApi, KeyState, ProviderError,
         SecretValue,
     },
-    reconciler::{Memo, World},
+    reconciler::{Memo, World, rollout_annotation},
     resolve::Resolution,
-    resources::{AuthKey, KeyStatus},
+    resources::{AuthKey, KeyStatus, RolloutTarget},
 };
 use kube::ResourceExt;
 
-use super::{Sim, model::Refused};
+use super::{
+    Sim,
+    model::{Refused, Workload},
+};
 
 /// One call the executor made, waiting for the schedule.
 #[derive(Clone, Debug)]
@@ -43,6 +46,8 @@ pub enum Op {
     Revoke(String),
     Inspect(String),
     FindOrphans(String),
+    /// Target, annotation, value.
+    Annotate(RolloutTarget, String, String),
 }
 
 impl Op {
@@ -61,6 +66,7 @@ impl Op {
                 | Op::SetFinalizers(..)
                 | Op::ApplySecret(..)
                 | Op::DeleteSecret(..)
+                | Op::Annotate(..)
         )
     }
 }
@@ -80,6 +86,7 @@ pub enum Reply {
     Upstream(std::result::Result<(), ProviderError>),
     Inspected(std::result::Result<KeyState, ProviderError>),
     Orphans(std::result::Result<Vec<String>, ProviderError>),
+    Workload(Option<Workload>),
     /// The API server failed the request (a 500).
     KubeFailed,
 }
@@ -266,6 +273,26 @@ impl World<AuthKey> for SimWorld {
         }
     }
 
+    fn cached_target(&self, key: &AuthKey, target: &RolloutTarget) -> Option<TargetView> {
+        let sim = self.sim.lock().unwrap();
+        let cached = sim.instances[self.instance].cache.workloads.get(target);
+        cached.map(|w| w.view(&rollout_annotation(key)))
+    }
+
+    async fn annotate_target(
+        &self,
+        key: &AuthKey,
+        target: &RolloutTarget,
+        value: &str,
+    ) -> Result<Option<TargetView>> {
+        let annotation = rollout_annotation(key);
+        let op = Op::Annotate(target.clone(), annotation.clone(), value.to_owned());
+        match self.call(op).await {
+            Reply::Workload(w) => Ok(w.map(|w| w.view(&annotation))),
+            _ => Err(status_error(500)),
+        }
+    }
+
     async fn resolve(&self, key: &AuthKey) -> Result<Resolution> {
         match self
             .call(Op::Resolve(key.spec.provider_ref.name.clone()))
@@ -341,6 +368,9 @@ impl KeyApi for SimApi {
 
     async fn revoke(&self, key_id: &str) -> std::result::Result<(), ProviderError> {
         if self.local {
+            // No call: checked here, without an operation that would change the
+            // schedule.
+            self.world.sim.lock().unwrap().revoking(key_id);
             return Ok(());
         }
         match self.world.call(Op::Revoke(key_id.to_owned())).await {

@@ -97,6 +97,11 @@ all-namespaces ClusterRole and for each namespaced Role (src/reconciler.rs):
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# spec.rollout: watched for their rollout status, patched with one Pod-template
+# annotation per new key (docs/workloads.md).
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets", "daemonsets"]
+  verbs: ["get", "list", "watch", "patch"]
 {{- end -}}
 
 {{/* The operator's ServiceAccount as an RBAC subject. */}}

@@ -184,7 +184,14 @@ async fn build(
     );
     let namespace = provider.namespace.as_deref().unwrap_or_default();
     let (id, display) = resolve::provider_names(provider.kind, namespace, &provider.name);
-    match resolve::build_provider(&ctx, id, display, spec, &secret_namespace).await {
+    let source = resolve::ProviderSource {
+        id,
+        display,
+        uid: String::new(),
+        spec,
+        credentials_namespace: secret_namespace.clone(),
+    };
+    match resolve::build_provider(&ctx, &source).await {
         Ok(api) => Ok(api),
         Err(context::Error::NotReady { reason, message }) => Err(Error::Usage(format!(
             "{} cannot be used ({reason}): {message}",

@@ -322,6 +322,7 @@ mod tests {
                     key_id: "k-old".into(),
                     revoke_at: time("2026-01-01T00:10:00Z"),
                     reason: "Renewing".into(),
+                    waiting_for: vec![],
                 }],
                 attempt: Some(attempt("kw:0123abcd.feedf00d")),
                 ..KeyStatus::default()
