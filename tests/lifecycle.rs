@@ -8,6 +8,7 @@ use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use k8s_openapi::api::core::v1::{Event, Secret};
 use keyward::{
+    providers::{KeyApi, ProviderError, ProviderFactory, ResolvedProvider},
     reconciler::{self, CrashPoint},
     resources::{AuthKey, KeyProvider, KeyStatus},
 };
@@ -795,6 +796,98 @@ async fn a_create_that_lands_after_a_crash_is_found_and_revoked() {
         "only the Secret's key is live"
     );
     assert_eq!(h.upstream.issued(), 2, "the late one and its replacement");
+}
+
+/// Found by the fault suite: a `Retain` resource deleted while its issuance was in
+/// flight let go at once, and the create that landed afterwards stayed live with
+/// nothing referencing it. `Retain` keeps the keys a resource was handed; nobody was
+/// handed that one.
+#[tokio::test]
+async fn a_retained_key_deleted_during_its_issuance_leaves_no_orphan() {
+    let mut h = Harness::new("retain-issuing").await;
+    h.upstream.hold_creates(true);
+    h.create("k", spec(json!({"deletionPolicy": "Retain"})))
+        .await;
+    eventually("the create to arrive upstream", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    h.kill().await;
+    h.keys()
+        .delete("k", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.start();
+    h.upstream.hold_creates(false);
+    h.gone("k", "the deleted key to go").await;
+    eventually("the held create to land", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(h.upstream.issued(), 1, "the held create landed");
+    assert!(h.upstream.live().is_empty(), "{:?}", h.upstream.live());
+}
+
+/// Found by the fault suite: a spec edit that arrived while a reconcile was under way
+/// (its attempt write met a 409, and keyward read the object again) was issued with
+/// what had been resolved for the spec before the edit — the old lifetime, the old
+/// spec's policy check — and recorded as done for the new one.
+#[tokio::test]
+async fn a_spec_edit_during_a_reconcile_is_issued_as_the_edit_asks() {
+    let mut h = Harness::new("edit-mid-reconcile").await;
+    h.create("k", spec(json!({}))).await;
+    h.ready("k").await;
+    h.kill().await;
+    let gate = Arc::new(GatedFactory::new(Factory(h.upstream.clone())));
+    h.rotate::<AuthKey>("k", "1").await;
+    h.cluster.start(gate.clone());
+    eventually("a reconcile resolving the provider", WAIT, || async {
+        (gate.waiting.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
+    h.create("k", spec(json!({"expiry": "24h"}))).await;
+    gate.open.send_replace(true);
+    let status = h
+        .status_where("k", "Ready for the edit", |s| {
+            s.is_ready()
+                && s.observed_generation == Some(2)
+                && s.attempt.is_none()
+                && s.rotate_request.as_deref() == Some("1")
+        })
+        .await;
+    let (created, expires) = (status.created_at.unwrap().0, status.expires_at.unwrap().0);
+    let lifetime = expires.duration_since(created).as_secs();
+    assert!(
+        (24 * 3600 - 2..=24 * 3600 + 2).contains(&lifetime),
+        "issued for {lifetime}s, the edit asks for 24h"
+    );
+}
+
+/// A factory that makes each provider lookup wait until `open` is true.
+struct GatedFactory {
+    inner: Factory,
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedFactory {
+    fn new(inner: Factory) -> Self {
+        Self {
+            inner,
+            open: tokio::sync::watch::channel(false).0,
+            waiting: Default::default(),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl ProviderFactory for GatedFactory {
+    async fn build(&self, provider: &ResolvedProvider) -> Result<Arc<dyn KeyApi>, ProviderError> {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let _ = self.open.subscribe().wait_for(|open| *open).await;
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.inner.build(provider).await
+    }
 }
 
 /// Finding 4 (and 5): an interrupted issuance adopted after a restart recorded the

@@ -114,6 +114,18 @@ struct FaultState {
     queue: VecDeque<(Fault, Option<String>, Option<String>)>,
     delay: Duration,
     log: Vec<RequestRecord>,
+    /// Every fault served, in order (recorded when taken: a `Late` whose caller hung
+    /// up never finishes its request record).
+    served: Vec<Served>,
+}
+
+/// A fault as it was served.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub fault: Fault,
+    pub method: String,
+    pub path: String,
+    pub at: jiff::Timestamp,
 }
 
 /// Fault injection and the request log, shared by an emulator's routes.
@@ -160,6 +172,11 @@ impl Faults {
         self.state.lock().unwrap().delay = delay;
     }
 
+    /// Every fault served so far, in order.
+    pub fn served(&self) -> Vec<Served> {
+        self.state.lock().unwrap().served.clone()
+    }
+
     /// Every request so far, in arrival order.
     pub fn requests(&self) -> Vec<RequestRecord> {
         self.state.lock().unwrap().log.clone()
@@ -185,6 +202,14 @@ impl Faults {
         let fault = position
             .and_then(|i| state.queue.remove(i))
             .map(|(f, _, _)| f);
+        if let Some(f) = &fault {
+            state.served.push(Served {
+                fault: f.clone(),
+                method: method.to_owned(),
+                path: path.to_owned(),
+                at: jiff::Timestamp::now(),
+            });
+        }
         (fault, state.delay)
     }
 

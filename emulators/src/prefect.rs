@@ -291,6 +291,11 @@ impl Prefect {
         self.lock().history.clone()
     }
 
+    /// Every key ever made (admin keys, deleted and rotated-away keys too).
+    pub fn keys(&self) -> Vec<EmulatedKey> {
+        self.lock().keys.values().cloned().collect()
+    }
+
     /// A key by id, whatever its state.
     pub fn key(&self, id: &str) -> Option<EmulatedKey> {
         self.lock().keys.get(id).cloned()

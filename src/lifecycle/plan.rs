@@ -420,15 +420,18 @@ fn wake(o: &Observed, s: &KeyStatus, provider: Option<&ReadyProvider>) -> Wake {
         .map_or(Wake::Never, Wake::At)
 }
 
-/// Delete: adopt what reached a Secret, wait out an attempt that may still land,
-/// revoke every key held (unless `Retain`), delete the Secrets, release the finalizer.
+/// Delete: adopt what reached a Secret, wait out an attempt that may still land and
+/// revoke what it left, revoke every key held (unless `Retain`), delete the Secrets,
+/// release the finalizer.
 fn plan_cleanup(o: &Observed, p: &mut Plan) -> Step {
     if !o.key.finalized {
         return Step::Done(Wake::Never);
     }
-    if o.key.deletion_policy == DeletionPolicy::Revoke
-        && let Some(step) = revoke_all(o, p)
-    {
+    let upstream = match o.key.deletion_policy {
+        DeletionPolicy::Revoke => revoke_all(o, p),
+        DeletionPolicy::Retain => recover_retained(o, p),
+    };
+    if let Some(step) = upstream {
         return step;
     }
     let s = &p.status;
@@ -467,28 +470,8 @@ fn revoke_all(o: &Observed, p: &mut Plan) -> Option<Step> {
         }
         ProviderView::Ready(ready) => ready,
     };
-    adopt(o, p, provider);
-    if let Some(a) = p.status.attempt.clone() {
-        let deadline = landing_deadline(&a, &o.timing);
-        if o.now < deadline {
-            let message = format!(
-                "waiting until an interrupted issuance ({}) can no longer land upstream, then revoking what it left",
-                a.marker
-            );
-            return Some(cleanup_blocked(
-                o,
-                p,
-                "Revoking",
-                &message,
-                Wake::At(deadline),
-            ));
-        }
-        if !o.fresh.contains(&a.secret_name) {
-            return Some(Step::ReadSecret(a.secret_name.clone()));
-        }
-        if o.run.orphans_failed.is_none() {
-            return Some(Step::RevokeOrphans(a));
-        }
+    if let Some(step) = recover_attempt(o, p, provider) {
+        return Some(step);
     }
     let s = &p.status;
     if let Some(id) = s
@@ -502,12 +485,61 @@ fn revoke_all(o: &Observed, p: &mut Plan) -> Option<Step> {
     let failed = o.run.revoke_failed.iter().next();
     let message = match (failed, &o.run.orphans_failed) {
         (Some((id, e)), _) => format!("revoking key {id} on delete failed: {e}; keyward retries"),
-        (None, Some(e)) => format!(
-            "revoking what an interrupted issuance left upstream failed: {e}; keyward retries"
-        ),
+        (None, Some(e)) => orphans_failed(e),
         (None, None) => return None,
     };
     Some(cleanup_blocked(o, p, "RevokeFailed", &message, Wake::Retry))
+}
+
+/// The upstream half of a `Retain` delete: the keys the resource was handed stay, but
+/// an interrupted issuance's key was handed to nobody, so it is recovered as on any
+/// delete. With the provider unusable nothing can be done upstream, and `Retain` is
+/// how a resource goes anyway.
+fn recover_retained(o: &Observed, p: &mut Plan) -> Option<Step> {
+    p.status.attempt.as_ref()?;
+    let provider = match &o.provider {
+        ProviderView::Unresolved => return Some(Step::Resolve),
+        ProviderView::Unavailable(_) => return None,
+        ProviderView::Ready(ready) => ready,
+    };
+    if let Some(step) = recover_attempt(o, p, provider) {
+        return Some(step);
+    }
+    let message = orphans_failed(o.run.orphans_failed.as_ref()?);
+    Some(cleanup_blocked(o, p, "RevokeFailed", &message, Wake::Retry))
+}
+
+fn orphans_failed(e: &str) -> String {
+    format!("revoking what an interrupted issuance left upstream failed: {e}; keyward retries")
+}
+
+/// On delete: adopt an attempt's key that reached its Secret; otherwise wait until the
+/// attempt's create can no longer land, then revoke what it left (`None` once there
+/// is no attempt, or its recovery failed in this reconcile).
+fn recover_attempt(o: &Observed, p: &mut Plan, provider: &ReadyProvider) -> Option<Step> {
+    adopt(o, p, provider);
+    let a = p.status.attempt.clone()?;
+    let deadline = landing_deadline(&a, &o.timing);
+    if o.now < deadline {
+        let message = format!(
+            "waiting until an interrupted issuance ({}) can no longer land upstream, then revoking what it left",
+            a.marker
+        );
+        return Some(cleanup_blocked(
+            o,
+            p,
+            "Revoking",
+            &message,
+            Wake::At(deadline),
+        ));
+    }
+    if !o.fresh.contains(&a.secret_name) {
+        return Some(Step::ReadSecret(a.secret_name.clone()));
+    }
+    if o.run.orphans_failed.is_none() {
+        return Some(Step::RevokeOrphans(a));
+    }
+    None
 }
 
 /// A delete that cannot finish yet: say why in status, and wait.

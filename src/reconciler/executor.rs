@@ -334,6 +334,12 @@ impl<'w, K: ManagedKey, W: World<K>> Execution<'w, K, W> {
     }
 
     fn replace(&mut self, object: K) {
+        // What may be issued (lifetime, policy, template, the provider's own check)
+        // was decided for the spec as it was when the provider was resolved.
+        if object.meta().generation != self.current.meta().generation {
+            self.o.provider = ProviderView::Unresolved;
+            self.api = None;
+        }
         let status = object.key_status().cloned().unwrap_or_default();
         self.o.key = key_view(&object);
         self.o.stored = status.clone();

@@ -48,6 +48,7 @@ use keyward::{
         AuthKey, AuthKeySpec, DeletionPolicy, KeyDuration, KeyStatus, ProviderKind, ProviderRef,
         RolloutTarget, Rotation, SecretSpec, Tag,
     },
+    secret::KEY_ID_ANNOTATION,
 };
 use kube::ResourceExt;
 
@@ -65,6 +66,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "a Secret deleted before the cache saw keyward's own write of it was taken as present",
     ),
     (5034, "the same, on another schedule"),
+    (
+        747,
+        "a Retain resource deleted during an issuance let go at once; the create that landed later stayed live",
+    ),
+    (921, "the same, on another schedule"),
 ];
 
 /// A watch cache of one operator incarnation.
@@ -437,6 +443,9 @@ enum Event {
 struct Ledger {
     uid: String,
     policy: Option<DeletionPolicy>,
+    /// Every key it was handed: in its status (current or retiring) or in a Secret
+    /// keyward wrote for it. `Retain` keeps these, and only these.
+    held: BTreeSet<String>,
     /// Trigger events not yet answered by a revision, by sequence number.
     triggers: Vec<u64>,
 }
@@ -566,6 +575,7 @@ impl Schedule {
                 Ledger {
                     uid,
                     policy: Some(policy),
+                    held: BTreeSet::new(),
                     triggers: vec![sim.seq],
                 },
             );
@@ -1066,7 +1076,24 @@ impl Schedule {
 
     /// I1, I2, I4 after every step.
     fn check_step(&mut self) {
-        let sim = self.lock();
+        let shared = self.sim.clone();
+        let sim = shared.lock().unwrap();
+        for key in sim.api.keys.values() {
+            let Some(ledger) = self.ledgers.get_mut(&key.name_any()) else {
+                continue;
+            };
+            let s = key.status.clone().unwrap_or_default();
+            ledger.held.extend(s.key_id);
+            ledger.held.extend(s.retiring.into_iter().map(|r| r.key_id));
+            ledger
+                .held
+                .extend(sim.api.owned_secrets(&ledger.uid).iter().filter_map(|n| {
+                    sim.api.secrets[n]
+                        .annotations()
+                        .get(KEY_ID_ANNOTATION)
+                        .cloned()
+                }));
+        }
         for key in sim.upstream.keys.values().filter(|k| k.live()) {
             let owner = sim
                 .api
@@ -1078,15 +1105,21 @@ impl Schedule {
                 .values()
                 .find(|l| marker_prefix(&l.uid) == key.owner_prefix());
             let retained = ledger.is_some_and(|l| l.policy == Some(DeletionPolicy::Retain));
+            let handed_out = ledger.is_some_and(|l| l.held.contains(&key.id));
             match owner {
-                None if retained => {}
+                None if retained && handed_out => {}
+                None if retained => panic!(
+                    "I2: upstream key {} ({}) of a deleted Retain resource is live, but it was never handed out: Retain keeps the keys a resource held, not what an interrupted issuance left",
+                    key.id, key.marker
+                ),
                 None => panic!("I2: upstream key {} of a deleted resource is live", key.id),
                 Some(owner) => {
                     let s = owner.status.clone().unwrap_or_default();
                     let referenced = s.key_id.as_deref() == Some(key.id.as_str())
                         || s.retiring.iter().any(|r| r.key_id == key.id)
                         || s.attempt.as_ref().is_some_and(|a| a.marker == key.marker);
-                    let released = owner.metadata.deletion_timestamp.is_some() && retained;
+                    let released =
+                        owner.metadata.deletion_timestamp.is_some() && retained && handed_out;
                     assert!(
                         referenced || released,
                         "I1: upstream key {} ({}) of {} is live but not in its status {s:?}",
