@@ -430,13 +430,19 @@ async fn a_daemon_set_is_annotated_and_waited_for_too() {
         &[("DaemonSet", "agent")],
     );
     let (uid, old) = rotated(&h, spec).await;
-    eventually("the old key revoked once agent rolled out", WAIT, || async {
-        upstream.key(&old)?.revoked.then_some(())
-    })
+    eventually(
+        "the old key revoked once agent rolled out",
+        WAIT,
+        || async { upstream.key(&old)?.revoked.then_some(()) },
+    )
     .await;
     let agent = sets.get("agent").await.unwrap();
     assert_eq!(template_annotation(&agent, "app"), Some(record(&uid, 2)));
-    assert_eq!(agent.metadata.generation, Some(3), "one annotation per revision");
+    assert_eq!(
+        agent.metadata.generation,
+        Some(3),
+        "one annotation per revision"
+    );
     let status = agent.status.unwrap();
     assert_eq!(status.updated_number_scheduled, Some(1), "rolled out");
     assert_eq!(status.number_ready, 1, "rolled out");

@@ -443,7 +443,8 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         ));
         let shared = (&secrets, &providers, &cluster_providers);
         let auth = Triggers::of(&auth_keys, shared);
-        controllers.push(run_kind(world.clone(), auth, workloads.clone(), shutdown.clone()).boxed());
+        controllers
+            .push(run_kind(world.clone(), auth, workloads.clone(), shutdown.clone()).boxed());
         let account = Triggers::of(&account_keys, shared);
         controllers.push(run_kind(world, account, workloads, shutdown.clone()).boxed());
         provider_watches.push(provider_status::Watch {

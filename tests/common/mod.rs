@@ -13,8 +13,8 @@
 #![allow(dead_code)]
 
 mod harness;
-pub mod requests;
 pub mod operator;
+pub mod requests;
 pub mod upstream;
 pub mod workloads;
 
