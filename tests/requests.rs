@@ -73,6 +73,9 @@ impl Recorded {
             "clusterkeyproviders",
             "namespaces",
             "secrets",
+            "deployments",
+            "statefulsets",
+            "daemonsets",
         ];
         let requests = self.requests.clone();
         let watches = eventually("a watch of every type", common::WAIT, || {

@@ -138,10 +138,15 @@ impl Workloads {
         namespace: Option<&str>,
         shutdown: impl Future<Output = ()> + Clone + Send + 'static,
     ) -> Arc<Self> {
+        let (deployments, stateful_sets, daemon_sets) = futures::join!(
+            watch(client, namespace, shutdown.clone()),
+            watch(client, namespace, shutdown.clone()),
+            watch(client, namespace, shutdown),
+        );
         Arc::new(Self {
-            deployments: watch(client, namespace, shutdown.clone()).await,
-            stateful_sets: watch(client, namespace, shutdown.clone()).await,
-            daemon_sets: watch(client, namespace, shutdown).await,
+            deployments,
+            stateful_sets,
+            daemon_sets,
         })
     }
 
