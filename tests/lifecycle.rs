@@ -782,7 +782,9 @@ async fn a_create_that_lands_after_a_crash_is_found_and_revoked() {
     h.kill().await;
     h.start();
     // The restarted controller must not give up on the attempt before it can no
-    // longer land; it lands now.
+    // longer land: it lands only after that controller has looked (finished a
+    // reconcile, or sent another create), well within the landing window.
+    looked(&h).await;
     h.upstream.hold_creates(false);
     let status = h.ready("k").await;
     eventually("the late key to be revoked", WAIT, || async {
@@ -796,6 +798,47 @@ async fn a_create_that_lands_after_a_crash_is_found_and_revoked() {
         "only the Secret's key is live"
     );
     assert_eq!(h.upstream.issued(), 2, "the late one and its replacement");
+}
+
+/// Waits until the controller started last has finished a reconcile (or sent another
+/// create): a create held until then lands after it looked.
+async fn looked(h: &Harness) {
+    let ctx = h.ctx().clone();
+    eventually("the restarted controller to look", WAIT, || async {
+        (ctx.reconciles.load(Ordering::SeqCst) >= 1
+            || h.upstream.in_flight.load(Ordering::SeqCst) >= 2)
+            .then_some(())
+    })
+    .await;
+}
+
+/// Finding 1 across a restart: the resource is deleted while keyward is down and its
+/// create is still held upstream; the create lands only after the restarted
+/// controller has looked at the deletion.
+#[tokio::test]
+async fn a_key_deleted_during_its_issuance_across_a_restart_leaves_nothing_behind() {
+    let mut h = Harness::new("delete-issuing-restart").await;
+    h.upstream.hold_creates(true);
+    h.create("k", spec(json!({}))).await;
+    eventually("the create to arrive upstream", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 1).then_some(())
+    })
+    .await;
+    h.kill().await;
+    h.keys()
+        .delete("k", &DeleteParams::default())
+        .await
+        .unwrap();
+    h.start();
+    looked(&h).await;
+    h.upstream.hold_creates(false);
+    h.gone("k", "the deleted key to go").await;
+    eventually("the held create to land", WAIT, || async {
+        (h.upstream.in_flight.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(h.upstream.issued(), 1, "the held create landed");
+    assert!(h.upstream.live().is_empty(), "{:?}", h.upstream.live());
 }
 
 /// Found by the fault suite: a `Retain` resource deleted while its issuance was in
@@ -863,6 +906,22 @@ async fn a_spec_edit_during_a_reconcile_is_issued_as_the_edit_asks() {
     );
 }
 
+/// A factory whose provider lookups never finish once the crash point fired.
+struct FrozenAfterCrash {
+    inner: Factory,
+    faults: Arc<common::upstream::CrashOnce>,
+}
+
+#[async_trait::async_trait]
+impl ProviderFactory for FrozenAfterCrash {
+    async fn build(&self, provider: &ResolvedProvider) -> Result<Arc<dyn KeyApi>, ProviderError> {
+        if self.faults.crashed.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        self.inner.build(provider).await
+    }
+}
+
 /// A factory that makes each provider lookup wait until `open` is true.
 struct GatedFactory {
     inner: Factory,
@@ -896,6 +955,13 @@ impl ProviderFactory for GatedFactory {
 #[tokio::test]
 async fn an_adopted_issuance_records_what_it_was_for_and_the_change_since_rotates() {
     let mut h = Harness::new("adopt-past").await;
+    // The crashed controller must do nothing more before it is killed: the adoption
+    // then happens after the spec change, in the restarted one.
+    h.kill().await;
+    h.cluster.start(Arc::new(FrozenAfterCrash {
+        inner: Factory(h.upstream.clone()),
+        faults: h.faults.clone(),
+    }));
     h.create("k", spec(json!({"tags": ["tag:a"]}))).await;
     h.ready("k").await;
     // A spec change that moves the Secret; the issuance for it reaches the new

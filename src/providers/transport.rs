@@ -592,6 +592,7 @@ mod tests {
     /// sent again, and the first key (carried out before the 5xx) was never revoked.
     #[tokio::test]
     async fn a_create_answered_with_a_5xx_is_not_sent_again_but_a_query_is() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
