@@ -516,14 +516,7 @@ impl Operator {
                 "--operator-namespace",
                 ns,
             ])
-            .args([
-                "--lease-duration",
-                "4s",
-                "--renew-deadline",
-                "3s",
-                "--retry-period",
-                "1s",
-            ])
+            .args(common::operator::SHORT_LEASE)
             .args(["--metrics-bind-address", &format!("127.0.0.1:{port}")])
             .env("KUBECONFIG", common::plane().kubeconfig())
             .env("POD_NAME", "keyward-0")

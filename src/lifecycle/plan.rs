@@ -585,6 +585,20 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A first issuance of shape-1 into Secret `k`, recorded now by an earlier run.
+    fn interrupted(o: &Observed, id: &str, rotate_request: Option<&str>) -> IssueAttempt {
+        IssueAttempt {
+            id: id.into(),
+            marker: format!("kw:0b6e7c2a.{id}"),
+            reason: "Initial".into(),
+            started_at: Time(o.now),
+            shape: "shape-1".into(),
+            rotate_request: rotate_request.map(Into::into),
+            secret_name: "k".into(),
+            revision: 1,
+        }
+    }
+
     fn observed(local: bool) -> Observed {
         Observed {
             key: KeyView {
@@ -698,16 +712,7 @@ mod tests {
     #[test]
     fn an_attempt_from_an_earlier_run_waits_out_its_landing_window() {
         let mut o = observed(false);
-        let attempt = IssueAttempt {
-            id: "old".into(),
-            marker: "kw:0b6e7c2a.old".into(),
-            reason: "Initial".into(),
-            started_at: Time(o.now),
-            shape: "shape-1".into(),
-            rotate_request: None,
-            secret_name: "k".into(),
-            revision: 1,
-        };
+        let attempt = interrupted(&o, "old", None);
         o.status.attempt = Some(attempt.clone());
         // The conditions it settles to are written once.
         let settled = plan(&o);
@@ -733,16 +738,7 @@ mod tests {
     #[test]
     fn adoption_records_what_the_attempt_was_for_and_the_newer_spec_rotates() {
         let mut o = observed(false);
-        let attempt = IssueAttempt {
-            id: "old".into(),
-            marker: "kw:0b6e7c2a.old".into(),
-            reason: "Initial".into(),
-            started_at: Time(o.now),
-            shape: "shape-1".into(),
-            rotate_request: Some("r1".into()),
-            secret_name: "k".into(),
-            revision: 1,
-        };
+        let attempt = interrupted(&o, "old", Some("r1"));
         o.status.attempt = Some(attempt.clone());
         o.stored = o.status.clone();
         o.secrets.insert("k".into(), written(&attempt, "k1", o.now));
@@ -768,16 +764,7 @@ mod tests {
     fn deletion_never_releases_the_finalizer_while_a_create_may_land() {
         let mut o = observed(false);
         o.key.deleting = true;
-        o.status.attempt = Some(IssueAttempt {
-            id: "x".into(),
-            marker: "kw:0b6e7c2a.x".into(),
-            reason: "Initial".into(),
-            started_at: Time(o.now),
-            shape: "shape-1".into(),
-            rotate_request: None,
-            secret_name: "k".into(),
-            revision: 1,
-        });
+        o.status.attempt = Some(interrupted(&o, "x", None));
         o.stored = o.status.clone();
         let p = plan(&o);
         assert!(

@@ -13,6 +13,17 @@ use super::{WAIT, eventually};
 
 pub const LEASE: &str = "keyward";
 
+/// A lease short enough for a test to see a takeover: 4s, renewed every 1s, given up
+/// after 3s.
+pub const SHORT_LEASE: [&str; 6] = [
+    "--lease-duration",
+    "4s",
+    "--renew-deadline",
+    "3s",
+    "--retry-period",
+    "1s",
+];
+
 /// One `keyward run` process; SIGKILLed and reaped when dropped (a failing test too).
 pub struct Operator {
     identity: String,
@@ -50,19 +61,9 @@ impl Operator {
 
     /// Two candidates elect on a short lease: 4s, renewed every 1s, given up after 3s.
     pub fn candidate(ns: &str, identity: &str) -> Self {
-        Self::start(
-            ns,
-            identity,
-            &[
-                "--leader-elect",
-                "--lease-duration",
-                "4s",
-                "--renew-deadline",
-                "3s",
-                "--retry-period",
-                "1s",
-            ],
-        )
+        let mut args = vec!["--leader-elect"];
+        args.extend(SHORT_LEASE);
+        Self::start(ns, identity, &args)
     }
 
     pub async fn get(&self, path: &str) -> Option<(u16, String)> {
