@@ -185,6 +185,11 @@ pub async fn audit(
         .flatten()
         .map(|id| upstream_id(id))
         .collect();
+    // The adopted service account's own key is the user's until a resource adopts
+    // the account (keyward then rotates it away, and answers for it).
+    let ever_adopted = model
+        .iter()
+        .any(|r| r.provider == Provider::Prefect && r.spec["serviceAccount"]["create"] == false);
     let referenced: BTreeSet<(Provider, String)> = resources
         .iter()
         .filter_map(|p| Some((p.provider?, p)))
@@ -215,6 +220,7 @@ pub async fn audit(
             .iter()
             .filter(|k| !referenced.contains(&(k.provider, k.id.clone())))
             .filter(|k| !retained.contains(&k.id))
+            .filter(|k| k.id != upstreams.adopted_ui_key || ever_adopted)
             .map(|k| explain(k, history, upstreams, model))
             .collect(),
     });

@@ -102,6 +102,9 @@ pub struct Upstreams {
     pub service_accounts: Vec<String>,
     /// The ClusterKeyProvider of the Tailscale keys.
     pub cluster_provider: String,
+    /// The key the adopted service account was made with, in Prefect's UI: the user's,
+    /// until a resource adopts the account and keyward rotates it away.
+    pub adopted_ui_key: String,
 }
 
 impl Upstreams {
@@ -110,7 +113,13 @@ impl Upstreams {
         let oauth = tailscale.add_oauth_client(CLIENT_TAGS, &["auth_keys"]);
         let prefect = Prefect::start().await;
         let prefect_admin = prefect.add_admin_key();
-        prefect.create_bot_in_ui(ADOPTED_BOT);
+        let (adopted_bot, _) = prefect.create_bot_in_ui(ADOPTED_BOT);
+        let adopted_ui_key = prefect
+            .keys()
+            .into_iter()
+            .find(|k| k.bot.as_deref() == Some(adopted_bot.as_str()))
+            .expect("the adopted service account's key")
+            .id;
         let graphql = PrefectGraphql::start().await;
         let graphql_admin = graphql.add_admin();
         let service_accounts = (0..3).map(|_| graphql.add_service_account()).collect();
@@ -123,6 +132,7 @@ impl Upstreams {
             graphql_admin,
             service_accounts,
             cluster_provider: format!("tailscale-{ns}"),
+            adopted_ui_key,
         }
     }
 
