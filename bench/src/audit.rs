@@ -49,6 +49,8 @@ pub struct Request {
     pub verb: String,
     /// `secrets`, `authkeys/status`, or the path of a non-resource URL (`/version`).
     pub resource: String,
+    /// The object's namespace (none for cluster-scoped objects and non-resource URLs).
+    pub namespace: Option<String>,
     pub at: Timestamp,
 }
 
@@ -63,6 +65,15 @@ impl Request {
     /// Leader election renewals: counted, but not "work" when deciding quiet.
     pub fn is_lease(&self) -> bool {
         self.resource == "leases"
+    }
+
+    /// A GET of an object of one key, whose number grows with the keys: not of a
+    /// non-resource URL (`/version`), not of the operator's own namespace (its Lease,
+    /// a provider's credential Secret).
+    pub fn is_per_key_get(&self) -> bool {
+        self.verb == "get"
+            && !self.resource.starts_with('/')
+            && self.namespace.as_deref() != Some(crate::OPERATOR_NAMESPACE)
     }
 
     /// Requests that mean the operator is still busy: not an open watch, not a Lease.
@@ -144,6 +155,7 @@ impl Log {
             user: user.to_owned(),
             verb: verb.to_owned(),
             resource,
+            namespace: object["namespace"].as_str().map(str::to_owned),
             at: event["requestReceivedTimestamp"].as_str()?.parse().ok()?,
         })
     }
@@ -174,6 +186,8 @@ pub struct Tally {
     pub writes: usize,
     /// GETs of single objects (what a restart should not make per key).
     pub gets: usize,
+    /// GETs of one key's objects ([`Request::is_per_key_get`]).
+    pub per_key_gets: usize,
     pub leases: usize,
     /// Requests received in the busiest second: the client rate actually used.
     pub peak_per_second: usize,
@@ -192,6 +206,7 @@ impl Tally {
             tally.total += 1;
             tally.writes += usize::from(r.is_write());
             tally.gets += usize::from(r.verb == "get" && !r.is_lease());
+            tally.per_key_gets += usize::from(r.is_per_key_get());
             tally.leases += usize::from(r.is_lease());
         }
         tally.peak_per_second = per_second.into_values().max().unwrap_or(0);
@@ -288,5 +303,20 @@ mod tests {
         );
         assert_eq!(tally.by_kind["create secrets"], 1);
         assert_eq!(tally.peak_per_second, 5);
+    }
+
+    #[test]
+    fn only_reads_of_a_keys_objects_count_as_per_key() {
+        let get = |resource: &str, namespace: Option<&str>| Request {
+            user: "keyward".into(),
+            verb: "get".into(),
+            resource: resource.into(),
+            namespace: namespace.map(str::to_owned),
+            at: Timestamp::UNIX_EPOCH,
+        };
+        assert!(get("secrets", Some("builtin")).is_per_key_get());
+        assert!(get("authkeys", Some("tailscale")).is_per_key_get());
+        assert!(!get("secrets", Some(crate::OPERATOR_NAMESPACE)).is_per_key_get());
+        assert!(!get("/version", None).is_per_key_get());
     }
 }

@@ -21,7 +21,9 @@ use serde_json::{Value, json};
 use crate::{
     Run, client_flags,
     cluster::{self, Cluster},
-    common_phases, namespace,
+    common_phases,
+    gate::Gate,
+    namespace,
     process::Process,
     report::Eso,
 };
@@ -120,7 +122,10 @@ pub async fn run(run: &Run, dir: &Path) -> anyhow::Result<Eso> {
     }))
     .await?;
     c.warm_up(&external_secrets(), keys(1).remove(0)).await?;
-    let kubeconfig = c.kubeconfig()?;
+    // ESO's --client-qps is per client it builds; the gate makes it one budget.
+    let gate = Gate::start(&c.kubeconfig()?, a.client_qps, a.client_burst).await?;
+    let kubeconfig = c.dir.join("kubeconfig-external-secrets-gate");
+    gate.kubeconfig(&kubeconfig)?;
     let binary = dir.join("external-secrets");
     let log_dir = c.dir.clone();
     let start = |name: &str| {
@@ -147,6 +152,7 @@ pub async fn run(run: &Run, dir: &Path) -> anyhow::Result<Eso> {
     )
     .await?;
     eso.stop(Duration::from_secs(30)).await;
+    drop(gate);
     Ok(Eso {
         wave: phases.wave,
         restart: phases.restart,

@@ -14,15 +14,14 @@ use kube::Api;
 use serde_json::{Value, json};
 
 use crate::{
-    AUTHKEY_API, Run, authkeys, builtin_keys, client_flags,
+    AUTHKEY_API, OPERATOR_NAMESPACE, Run, authkeys, builtin_keys, client_flags,
     cluster::{self, Cluster},
     common_phases, delete_every, names, namespace,
     process::Process,
-    report::{Failover, Keyward, Latency, Paced, Rotation, Upstream},
+    report::{Failover, Keyward, Latency, Paced, Rotation, Tailscale, Upstream},
     track::{self, Tracker},
 };
 
-const OPERATOR_NAMESPACE: &str = "keyward-system";
 const LEASE: &str = "keyward";
 
 /// Tailscale AuthKeys `<prefix>-00001`… in namespace `tailscale`; a short overlap, so
@@ -224,7 +223,7 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     wait_providers_ready(&c, &["builtin", "tailscale"]).await?;
     c.wait_started_and_quiet(t0, &mut [&mut keyward]).await?;
 
-    let (builtin, mut keyward) = common_phases(
+    let (builtin, keyward) = common_phases(
         run,
         &mut c,
         &authkeys(),
@@ -235,48 +234,15 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     )
     .await?;
     let mut peak_rss = builtin.peak_rss;
-
-    run.say(&format!("keyward: applying {} Tailscale keys", a.keys));
-    let docs = tailscale_keys("ts", a.keys, &a.overlap);
-    let ts_names = names(&docs);
-    let before = emulator.stats().await?;
-    let wave_start = Timestamp::now();
-    let (tailscale, tracker) = c.wave(&authkeys(), "tailscale", docs, &mut keyward).await?;
-    let tailscale_upstream = upstream_between(&before, &emulator.stats().await?, wave_start);
-    run.say(&format!(
-        "keyward: all Ready in {:.1} s; paced keys",
-        tailscale.took
-    ));
-
-    let paced = paced(run, &mut c, &tracker, &emulator, &mut keyward).await?;
-
-    run.say("keyward: two replicas with leader election; killing the leader");
-    peak_rss = peak_rss.max(keyward.peak_rss());
-    keyward.stop(Duration::from_secs(30)).await;
-    let (failover, mut keyward, leader_rss) = failover(&mut c, &operator, &emulator).await?;
-    peak_rss = peak_rss.max(leader_rss);
-    run.say(&format!(
-        "keyward: took over in {:.1} s, quiet {:.1} s later; rotation wave",
-        failover.takeover, failover.quiet_after_takeover
-    ));
-
-    let rotation = rotation(&mut c, &tracker, &emulator, &ts_names, &mut keyward).await?;
-    run.say(&format!(
-        "keyward: rotated in {:.1} s; deleting every Tailscale key",
-        rotation.rotated
-    ));
-
-    let emulator_ref = &emulator;
-    let tailscale_deletion = delete_every(
-        &mut c,
-        &tracker,
-        &ts_names,
-        &mut keyward,
-        Some(move || async move { Ok(emulator_ref.live_keys().await? == 0) }),
-    )
-    .await?;
-    peak_rss = peak_rss.max(keyward.peak_rss());
-    keyward.stop(Duration::from_secs(30)).await;
+    let tailscale = if a.no_tailscale {
+        peak_rss = peak_rss.max(keyward.peak_rss());
+        keyward.stop(Duration::from_secs(30)).await;
+        None
+    } else {
+        let (phases, rss) = tailscale(run, &mut c, &operator, &emulator, keyward).await?;
+        peak_rss = peak_rss.max(rss);
+        Some(phases)
+    };
     emulator.process.stop(Duration::from_secs(5)).await;
     Ok(Keyward {
         builtin: builtin.wave,
@@ -284,13 +250,71 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
         idle: builtin.idle,
         builtin_deletion: builtin.deletion,
         tailscale,
-        tailscale_upstream,
-        paced,
-        failover,
-        rotation,
-        tailscale_deletion,
         peak_rss,
     })
+}
+
+/// The Tailscale wave, paced keys, the failover, the rotation wave and the deletion;
+/// returns them with the highest peak RSS of the keyward processes, all stopped.
+async fn tailscale(
+    run: &Run,
+    c: &mut Cluster,
+    operator: &Operator<'_>,
+    emulator: &Emulator,
+    mut keyward: Process,
+) -> anyhow::Result<(Tailscale, u64)> {
+    let a = &run.args;
+    run.say(&format!("keyward: applying {} Tailscale keys", a.keys));
+    let docs = tailscale_keys("ts", a.keys, &a.overlap);
+    let ts_names = names(&docs);
+    let before = emulator.stats().await?;
+    let wave_start = Timestamp::now();
+    let (wave, tracker) = c.wave(&authkeys(), "tailscale", docs, &mut keyward).await?;
+    let upstream = upstream_between(&before, &emulator.stats().await?, wave_start);
+    run.say(&format!(
+        "keyward: all Ready in {:.1} s; paced keys",
+        wave.took
+    ));
+
+    let paced = paced(run, c, &tracker, emulator, &mut keyward).await?;
+
+    run.say("keyward: two replicas with leader election; killing the leader");
+    let mut peak_rss = keyward.peak_rss();
+    keyward.stop(Duration::from_secs(30)).await;
+    let (failover, mut keyward, leader_rss) = failover(c, operator, emulator).await?;
+    peak_rss = peak_rss.max(leader_rss);
+    run.say(&format!(
+        "keyward: took over in {:.1} s, quiet {:.1} s later; rotation wave",
+        failover.takeover, failover.quiet_after_takeover
+    ));
+
+    let rotation = rotation(c, &tracker, emulator, &ts_names, &mut keyward).await?;
+    run.say(&format!(
+        "keyward: rotated in {:.1} s; deleting every Tailscale key",
+        rotation.rotated
+    ));
+
+    let deletion = delete_every(
+        c,
+        &tracker,
+        &ts_names,
+        &mut keyward,
+        Some(move || async move { Ok(emulator.live_keys().await? == 0) }),
+    )
+    .await?;
+    peak_rss = peak_rss.max(keyward.peak_rss());
+    keyward.stop(Duration::from_secs(30)).await;
+    Ok((
+        Tailscale {
+            wave,
+            upstream,
+            paced,
+            failover,
+            rotation,
+            deletion,
+        },
+        peak_rss,
+    ))
 }
 
 /// Keys applied one at a time, with N keys present; deleted again afterwards.

@@ -6,6 +6,7 @@
 mod audit;
 mod cluster;
 mod eso;
+mod gate;
 mod keyward;
 mod process;
 mod report;
@@ -83,6 +84,10 @@ pub struct Args {
     /// Leave External Secrets Operator out (it is built once, ~10 minutes, on first use).
     #[arg(long)]
     pub no_eso: bool,
+    /// Leave keyward's Tailscale phases out (its wave, paced keys, failover, rotation
+    /// wave and deletion): builtin keys only, for a large N in less time.
+    #[arg(long)]
+    pub no_tailscale: bool,
     /// Run only these subjects.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub only: Vec<Subject>,
@@ -137,6 +142,9 @@ impl Run {
 }
 
 pub const AUTHKEY_API: &str = "keyward.dev/v1alpha1";
+
+/// Where keyward runs: its Lease and the providers' credential Secrets.
+pub const OPERATOR_NAMESPACE: &str = "keyward-system";
 
 pub fn authkeys() -> ApiResource {
     ApiResource::erase::<::keyward::resources::AuthKey>(&())

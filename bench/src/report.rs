@@ -122,14 +122,21 @@ pub struct Keyward {
     pub restart: Restart,
     pub idle: Idle,
     pub builtin_deletion: Deletion,
-    pub tailscale: Wave,
-    pub tailscale_upstream: Upstream,
+    /// `None` with `--no-tailscale`.
+    pub tailscale: Option<Tailscale>,
+    /// The highest peak RSS of every keyward process in the run.
+    pub peak_rss: u64,
+}
+
+/// The phases with Tailscale keys (an upstream key API behind the emulator).
+#[derive(Clone, Debug)]
+pub struct Tailscale {
+    pub wave: Wave,
+    pub upstream: Upstream,
     pub paced: Paced,
     pub failover: Failover,
     pub rotation: Rotation,
-    pub tailscale_deletion: Deletion,
-    /// The highest peak RSS of every keyward process in the run.
-    pub peak_rss: u64,
+    pub deletion: Deletion,
 }
 
 #[derive(Clone, Debug)]
@@ -266,8 +273,8 @@ impl Report {
         for table in [self.waves(), self.requests_by_kind(), self.restarts()] {
             table.write(&mut out);
         }
-        if let Some(k) = &self.keyward {
-            for table in keyward_only(k) {
+        if let Some(t) = self.keyward.as_ref().and_then(|k| k.tailscale.as_ref()) {
+            for table in keyward_only(t) {
                 table.write(&mut out);
             }
         }
@@ -315,10 +322,12 @@ impl Report {
         }
         if let Some(k) = &self.keyward {
             waves.push(("keyward, builtin".into(), &k.builtin));
-            waves.push((
-                format!("keyward, tailscale ({})", self.meta.upstream),
-                &k.tailscale,
-            ));
+            if let Some(t) = &k.tailscale {
+                waves.push((
+                    format!("keyward, tailscale ({})", self.meta.upstream),
+                    &t.wave,
+                ));
+            }
         }
         if let Some(e) = &self.eso {
             waves.push(("External Secrets Operator, Password".into(), &e.wave));
@@ -363,7 +372,9 @@ impl Report {
         }
         if let Some(k) = &self.keyward {
             columns.push(("keyward builtin", &k.builtin.requests, k.builtin.keys));
-            columns.push(("keyward tailscale", &k.tailscale.requests, k.tailscale.keys));
+            if let Some(t) = &k.tailscale {
+                columns.push(("keyward tailscale", &t.wave.requests, t.wave.keys));
+            }
         }
         if let Some(e) = &self.eso {
             columns.push(("ESO", &e.wave.requests, e.wave.keys));
@@ -397,7 +408,7 @@ impl Report {
                 "",
                 "requests",
                 "writes",
-                "GETs",
+                "GETs (per key)",
                 "time until quiet",
                 "after the last list",
                 "CPU",
@@ -409,7 +420,7 @@ impl Report {
                 name.into(),
                 r.requests.total.to_string(),
                 r.requests.writes.to_string(),
-                r.requests.gets.to_string(),
+                gets(&r.requests),
                 secs(r.quiet_after_start),
                 secs(r.quiet_after_lists),
                 secs(r.cpu),
@@ -446,7 +457,9 @@ impl Report {
         let mut rows: Vec<(&str, &Deletion)> = Vec::new();
         if let Some(k) = &self.keyward {
             rows.push(("keyward, builtin", &k.builtin_deletion));
-            rows.push(("keyward, tailscale", &k.tailscale_deletion));
+            if let Some(t) = &k.tailscale {
+                rows.push(("keyward, tailscale", &t.deletion));
+            }
         }
         if let Some(e) = &self.eso {
             rows.push(("External Secrets Operator", &e.deletion));
@@ -509,12 +522,14 @@ impl Report {
             format!("{builtin:.1}"),
             Some(builtin <= 4.0),
         );
-        let upstream = per_key(k.tailscale.requests.total, k.tailscale.keys);
-        row(
-            "≤ 5 API requests per upstream key",
-            format!("{upstream:.1}"),
-            Some(upstream <= 5.0),
-        );
+        if let Some(t) = &k.tailscale {
+            let upstream = per_key(t.wave.requests.total, t.wave.keys);
+            row(
+                "≤ 5 API requests per upstream key",
+                format!("{upstream:.1}"),
+                Some(upstream <= 5.0),
+            );
+        }
         if let Some(f) = &self.floor {
             let r = k.builtin.took / f.took;
             row(
@@ -541,40 +556,50 @@ impl Report {
         row(
             "restart: 0 writes, 0 per-key reads, quiet within 10 s of the list/watch",
             format!(
-                "{} writes, {} GETs, quiet {} after the last list",
+                "{} writes, {} GETs of which {} per key, quiet {} after the last list",
                 r.requests.writes,
                 r.requests.gets,
+                r.requests.per_key_gets,
                 secs(r.quiet_after_lists)
             ),
-            Some(r.requests.writes == 0 && r.requests.gets == 0 && r.quiet_after_lists <= 10.0),
-        );
-        let f = &k.failover;
-        let writes = f.requests.writes - writes_to_leases(&f.requests);
-        row(
-            "failover: 0 writes, 0 per-key reads, quiet within 10 s of the list/watch",
-            format!(
-                "{writes} writes besides the Lease, {} GETs, quiet {} after takeover",
-                f.requests.gets,
-                secs(f.quiet_after_takeover)
+            Some(
+                r.requests.writes == 0
+                    && r.requests.per_key_gets == 0
+                    && r.quiet_after_lists <= 10.0,
             ),
-            Some(writes == 0 && f.requests.gets == 0 && f.quiet_after_takeover <= 10.0),
         );
+        if let Some(t) = &k.tailscale {
+            let f = &t.failover;
+            let writes = f.requests.writes - writes_to_leases(&f.requests);
+            row(
+                "failover: 0 writes, 0 per-key reads, quiet within 10 s of the list/watch",
+                format!(
+                    "{writes} writes besides the Lease, {} GETs of which {} per key, quiet {} after takeover",
+                    f.requests.gets,
+                    f.requests.per_key_gets,
+                    secs(f.quiet_after_takeover)
+                ),
+                Some(writes == 0 && f.requests.per_key_gets == 0 && f.quiet_after_takeover <= 10.0),
+            );
+        }
         row(
             "peak RSS ≤ 64 MiB at 10,000 keys",
             format!("{} at {n} keys", mib(k.peak_rss)),
             (n >= 10_000).then_some(k.peak_rss <= 64 * 1024 * 1024),
         );
-        let p = &k.paced;
-        row(
-            "p99 apply → Ready < 2 s at 1,000 keys, 50 ms upstream, client rate not the bottleneck",
-            format!(
-                "{} ({} keys at {}/s with {n} present)",
-                secs(p.latency.p99),
-                p.keys,
-                p.per_second
-            ),
-            (n >= 1_000).then_some(p.latency.p99 < 2.0),
-        );
+        if let Some(t) = &k.tailscale {
+            let p = &t.paced;
+            row(
+                "p99 apply → Ready < 2 s at 1,000 keys, 50 ms upstream, client rate not the bottleneck",
+                format!(
+                    "{} ({} keys at {}/s with {n} present)",
+                    secs(p.latency.p99),
+                    p.keys,
+                    p.per_second
+                ),
+                (n >= 1_000).then_some(p.latency.p99 < 2.0),
+            );
+        }
         if let Some(fl) = &self.floor {
             let r = k.builtin.latency.p50 / fl.latency.p50;
             row(
@@ -585,6 +610,11 @@ impl Report {
         }
         table
     }
+}
+
+/// GETs, and of them those of one key's objects (see [`Tally::per_key_gets`]).
+fn gets(t: &Tally) -> String {
+    format!("{} ({})", t.gets, t.per_key_gets)
 }
 
 fn writes_to_leases(t: &Tally) -> usize {
@@ -598,12 +628,12 @@ fn writes_to_leases(t: &Tally) -> usize {
 }
 
 /// Failover, the upstream, the rotation wave: figures only keyward has.
-fn keyward_only(k: &Keyward) -> [Table; 3] {
+fn keyward_only(k: &Tailscale) -> [Table; 3] {
     let f = &k.failover;
     let mut failover = Table::new(
         format!(
             "Leader failover with {} Ready keys (keyward: two replicas, the leader killed)",
-            k.tailscale.keys
+            k.wave.keys
         ),
         &[
             "takeover",
@@ -619,13 +649,13 @@ fn keyward_only(k: &Keyward) -> [Table; 3] {
         secs(f.takeover),
         f.requests.total.to_string(),
         (f.requests.writes - writes_to_leases(&f.requests)).to_string(),
-        f.requests.gets.to_string(),
+        gets(&f.requests),
         f.requests.leases.to_string(),
         f.upstream_requests.to_string(),
         secs(f.quiet_after_takeover),
     ]);
 
-    let (t, p) = (&k.tailscale_upstream, &k.paced);
+    let (t, p) = (&k.upstream, &k.paced);
     let mut upstream = Table::new(
         "Upstream (Tailscale emulator)",
         &[
@@ -637,16 +667,16 @@ fn keyward_only(k: &Keyward) -> [Table; 3] {
         ],
     );
     upstream.row(vec![
-        format!("{} keys at once", k.tailscale.keys),
-        format!("{:.2}", per_key(t.requests as usize, k.tailscale.keys)),
+        format!("{} keys at once", k.wave.keys),
+        format!("{:.2}", per_key(t.requests as usize, k.wave.keys)),
         t.too_many_requests.to_string(),
         format!("{}/s", t.peak_per_second),
-        latency(&k.tailscale.latency),
+        latency(&k.wave.latency),
     ]);
     upstream.row(vec![
         format!(
             "{} keys at {}/s, {} present",
-            p.keys, p.per_second, k.tailscale.keys
+            p.keys, p.per_second, k.wave.keys
         ),
         String::new(),
         String::new(),
