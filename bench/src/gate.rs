@@ -6,15 +6,16 @@
 //! rate of each client controller-runtime builds from its configuration, and each gets
 //! a bucket of its own, so together they go well past it (200 requests / s at a
 //! nominal 50 / 100, see BENCHMARKS.md). Its requests go through this gate, which
-//! holds them to one bucket of that rate, the way client-go's own limiter would:
-//! every request, a watch included, waits for a token. The gate forwards with the
+//! forwards them with a client limited by keyward's own [`RateLimitLayer`] — the
+//! bucket keyward and the floor use, client-go's semantics: every request, a watch
+//! included, waits for a token. The gate forwards with the
 //! operator's own client certificate, so the audit log still names the operator, and
 //! it passes headers (the User-Agent too) and bodies through unchanged.
 //!
 //! Written by hand because it is a few lines over `kube::Client::send`, which exists
 //! for exactly this; no proxy crate limits the rate of requests rather than bytes.
 
-use std::{convert::Infallible, path::Path, sync::Arc, time::Duration};
+use std::{convert::Infallible, path::Path};
 
 use anyhow::Context as _;
 use http_body_util::BodyExt as _;
@@ -26,8 +27,9 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::TokioIo;
-use kube::client::Body;
-use tokio::{net::TcpListener, sync::Mutex, task::JoinHandle, time::Instant};
+use keyward::ratelimit::RateLimitLayer;
+use kube::client::{Body, ClientBuilder};
+use tokio::{net::TcpListener, task::JoinHandle};
 
 /// The proxy, listening on 127.0.0.1 until dropped.
 pub struct Gate {
@@ -43,16 +45,17 @@ impl Gate {
         let mut config = kube::Config::from_custom_kubeconfig(file, &Default::default()).await?;
         // A watch stays open as long as the operator asks (client-go: 5–10 minutes).
         config.read_timeout = None;
-        let client = kube::Client::try_from(config)?;
-        let bucket = Arc::new(Bucket::new(qps, burst));
+        // One client, so one bucket: its clones share the buffer the limit sits behind.
+        let client = ClientBuilder::try_from(config)?
+            .with_layer(&RateLimitLayer::new(qps, burst))
+            .build();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let (client, bucket) = (client.clone(), bucket.clone());
+                let client = client.clone();
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(move |request| forward(client.clone(), bucket.clone(), request));
+                    let service = service_fn(move |request| forward(client.clone(), request));
                     // A connection the operator closes ends here; nothing to report.
                     let _ = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -95,10 +98,8 @@ impl Drop for Gate {
 
 async fn forward(
     client: kube::Client,
-    bucket: Arc<Bucket>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    bucket.take().await;
     let (mut parts, body) = request.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
@@ -137,64 +138,4 @@ fn bad_gateway(message: String) -> Response<Body> {
     let mut response = Response::new(Body::from(message.into_bytes()));
     *response.status_mut() = StatusCode::BAD_GATEWAY;
     response
-}
-
-/// A token bucket that lends: a request takes a token now and waits until it would
-/// have been there (golang.org/x/time/rate's `Wait`, which client-go uses).
-struct Bucket {
-    per_second: f64,
-    burst: f64,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl Bucket {
-    fn new(per_second: f64, burst: u32) -> Self {
-        let burst = f64::from(burst.max(1));
-        Self {
-            per_second,
-            burst,
-            state: Mutex::new((burst, Instant::now())),
-        }
-    }
-
-    async fn take(&self) {
-        let wait = {
-            let mut state = self.state.lock().await;
-            let now = Instant::now();
-            let (tokens, since) = *state;
-            let tokens = (tokens + now.duration_since(since).as_secs_f64() * self.per_second)
-                .min(self.burst)
-                - 1.0;
-            *state = (tokens, now);
-            (tokens < 0.0).then(|| Duration::from_secs_f64(-tokens / self.per_second))
-        };
-        if let Some(wait) = wait {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A burst goes at once; after it, requests are spaced at the rate.
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_admits_a_burst_then_the_rate() {
-        let bucket = Bucket::new(10.0, 5);
-        let start = Instant::now();
-        for _ in 0..5 {
-            bucket.take().await;
-        }
-        assert_eq!(
-            start.elapsed(),
-            Duration::ZERO,
-            "the burst waits for nothing"
-        );
-        for _ in 0..10 {
-            bucket.take().await;
-        }
-        let waited = start.elapsed().as_secs_f64();
-        assert!((waited - 1.0).abs() < 0.01, "10 more at 10 / s: {waited} s");
-    }
 }
