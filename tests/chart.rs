@@ -149,6 +149,14 @@ fn namespaced_values_lint_and_render_a_role_per_namespace() {
     let mut expected = namespaced_grants("team-a");
     expected.extend(namespaced_grants("team-b"));
     expected.extend(cluster_scoped_grants());
+    // Events about ClusterKeyProviders go to `default`.
+    expected.extend(expand(
+        "default",
+        &[
+            ("", &["events"], &["create", "patch"]),
+            ("events.k8s.io", &["events"], &["create", "patch"]),
+        ],
+    ));
     expected.extend(operator_namespace_grants("keyward-system", false));
     expected.extend(own_token_grant("keyward-system", "kw-keyward"));
     assert_eq!(grants(&objects, "kw-keyward", "keyward-system"), expected);

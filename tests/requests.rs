@@ -1,16 +1,23 @@
 //! What keyward asks of the API server, counted: the controller runs in-process on a
 //! client that records every request (tests/common/requests.rs), against the real
 //! control plane. A wave of new keys costs at most the writes each key needs — its
-//! finalizer, the attempt record (upstream providers only), its Secret, its status,
-//! one event — and a restart with every key Ready costs its lists and watches and
+//! finalizer and attempt record (upstream providers only), its Secret, its status —
+//! with the wave's events counted on one Event of the provider's beyond a burst of
+//! their own; and a restart with every key Ready costs its lists and watches and
 //! nothing else: no read, no write, no upstream call.
 
 mod common;
 
-use std::{collections::BTreeMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::events::v1::Event;
 use keyward::{
+    events,
     providers::{DefaultFactory, ProviderFactory},
     reconciler::NoFaults,
     resources::{AuthKey, ClusterKeyProvider, KeyProvider, ServiceAccountKey},
@@ -26,6 +33,11 @@ use common::{
 
 /// Keys per wave.
 const KEYS: usize = 60;
+
+/// Requests a wave may add to what its keys need when a cache lags a write under load:
+/// a Secret read afresh before trusting a missing one, a 409 and the read after it
+/// (the safety reads of docs/performance.md). Seen: 1 in ~20 runs beside a compile.
+const RACES: usize = 3;
 
 /// A controller of one namespace on a recording client.
 struct Recorded {
@@ -145,17 +157,62 @@ async fn all_ready<K: keyward::reconciler::ManagedKey>(client: &Client, ns: &str
     .await;
 }
 
-/// Waits until `count` events were created in `ns`.
-async fn events_created(requests: &Requests, ns: &str, count: usize) {
-    eventually(&format!("{count} events"), common::WAIT, || async {
-        let created = requests
-            .all()
+/// Waits until every one of `count` keys in `ns` is told of as `Issued`: by an Event
+/// of its own, or in the series of the wave's Event about `provider` (in
+/// `provider_ns`). Returns how many had an Event of their own.
+async fn issued_events(
+    client: &Client,
+    ns: &str,
+    (provider_ns, provider): (&str, &str),
+    count: usize,
+) -> usize {
+    let label = format!("{count} keys told of as Issued");
+    eventually(&label, common::WAIT, || async {
+        let own = events_in(client, ns, "Issued")
+            .await
             .iter()
-            .filter(|r| r.verb == "create" && r.resource == "events" && r.namespace == ns)
+            .filter(|e| regarding(e) != Some(provider))
             .count();
-        (created >= count).then_some(())
+        let folded: i32 = events_in(client, provider_ns, "Issued")
+            .await
+            .iter()
+            .filter(|e| regarding(e) == Some(provider))
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum();
+        (own + folded as usize == count).then_some(own)
     })
-    .await;
+    .await
+}
+
+fn regarding(e: &Event) -> Option<&str> {
+    e.regarding.as_ref().and_then(|r| r.name.as_deref())
+}
+
+/// The Events in `ns` with this reason, oldest first.
+async fn events_in(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
+    let mut found: Vec<Event> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .collect();
+    found.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    found
+}
+
+/// The requests of a wave that were Events: at most a burst of their own and a wave
+/// flush every [`events::WAVE_FLUSH`] while the wave lasted.
+fn wave_events(requests: &[Request], took: Duration) -> usize {
+    let events = requests.iter().filter(|r| r.resource == "events").count();
+    let flushes = (took.as_secs_f64() / events::WAVE_FLUSH.as_secs_f64()).ceil() as usize + 1;
+    assert!(
+        events <= events::WAVE_BURST as usize + flushes,
+        "{events} Event requests in a wave of {took:?}"
+    );
+    events
 }
 
 /// Restarts the controller with every key Ready and checks that the new one, once it
@@ -184,7 +241,7 @@ async fn restart_reads_and_writes_nothing(
 }
 
 #[tokio::test]
-async fn a_builtin_key_costs_four_requests_and_a_restart_with_them_ready_none() {
+async fn a_builtin_key_costs_two_writes_and_a_restart_with_them_ready_none() {
     let cluster = Cluster::new("requests-builtin").await;
     let (admin, ns) = (cluster.client.clone(), &cluster.ns);
     // A ClusterKeyProvider whose policy admits the test namespace by label: resolving
@@ -204,6 +261,7 @@ async fn a_builtin_key_costs_four_requests_and_a_restart_with_them_ready_none() 
     recorded.start().await;
 
     let reference = json!({"kind": "ClusterKeyProvider", "name": provider});
+    let started = Instant::now();
     for i in 0..KEYS {
         let name = format!("k{i}");
         if i % 2 == 0 {
@@ -217,24 +275,35 @@ async fn a_builtin_key_costs_four_requests_and_a_restart_with_them_ready_none() 
     }
     all_ready::<AuthKey>(&admin, &ns.name, KEYS / 2).await;
     all_ready::<ServiceAccountKey>(&admin, &ns.name, KEYS / 2).await;
-    events_created(&recorded.requests, &ns.name, KEYS).await;
+    let own = issued_events(&admin, &ns.name, ("default", &provider), KEYS).await;
+    assert!(
+        own <= events::WAVE_BURST as usize + 2,
+        "{own} keys had an Event of their own"
+    );
 
     let summary = recorded.requests.summary();
     let per_key = recorded.requests(provider_status);
+    let events = wave_events(&per_key, started.elapsed());
+    let besides = per_key.len() - events;
     assert!(
-        per_key.len() <= 4 * KEYS,
-        "{KEYS} builtin keys took {} requests ({:.2} per key, at most 4): {summary:?}",
-        per_key.len(),
-        per_key.len() as f64 / KEYS as f64,
+        (2 * KEYS..=2 * KEYS + RACES).contains(&besides),
+        "{KEYS} builtin keys: their Secrets and statuses, {besides} requests besides {events} events: {summary:?}"
     );
-    assert!(per_key.iter().all(|r| r.write()), "no reads: {summary:?}");
+    let reads = per_key.iter().filter(|r| !r.write()).count();
+    assert!(reads <= RACES, "no reads but a race's: {summary:?}");
+    for key in per_key.iter().filter(|r| r.resource != "events") {
+        assert!(
+            key.resource == "secrets" || key.resource.ends_with("/status"),
+            "no finalizer on a builtin key: {key:?}"
+        );
+    }
 
     restart_reads_and_writes_nothing(&mut recorded, KEYS, |_| false).await;
     recorded.kill().await;
 }
 
 #[tokio::test]
-async fn an_upstream_key_costs_five_requests_and_a_restart_with_them_ready_none() {
+async fn an_upstream_key_costs_four_writes_and_a_restart_with_them_ready_none() {
     let cluster = Cluster::new("requests-upstream").await;
     let (admin, ns) = (cluster.client.clone(), &cluster.ns);
     apply(
@@ -254,6 +323,7 @@ async fn an_upstream_key_costs_five_requests_and_a_restart_with_them_ready_none(
     let mut recorded = Recorded::new(&ns.name, Arc::new(Factory(upstream.clone()))).await;
     recorded.start().await;
 
+    let started = Instant::now();
     for i in 0..KEYS {
         cluster
             .create::<AuthKey>(
@@ -263,29 +333,23 @@ async fn an_upstream_key_costs_five_requests_and_a_restart_with_them_ready_none(
             .await;
     }
     all_ready::<AuthKey>(&admin, &ns.name, KEYS).await;
-    events_created(&recorded.requests, &ns.name, KEYS).await;
+    issued_events(&admin, &ns.name, (&ns.name, "upstream"), KEYS).await;
     assert_eq!(upstream.issued(), KEYS, "one upstream key per resource");
 
     let credentials = |r: &Request| r.resource == "secrets" && r.name == "credentials";
     let summary = recorded.requests.summary();
     let reads = recorded.requests(|r| !credentials(r)).len();
     let per_key = recorded.requests(|r| credentials(r) || provider_status(r));
-    eprintln!(
-        "DEBUG {:?}",
-        per_key
-            .iter()
-            .filter(|r| !r.write() || r.resource.contains("provider"))
-            .collect::<Vec<_>>()
-    );
+    let events = wave_events(&per_key, started.elapsed());
+    let besides = per_key.len() - events;
     assert!(
-        per_key.len() <= 5 * KEYS,
-        "{KEYS} upstream keys took {} requests ({:.2} per key, at most 5): {summary:?}",
-        per_key.len(),
-        per_key.len() as f64 / KEYS as f64,
+        (4 * KEYS..=4 * KEYS + RACES).contains(&besides),
+        "{KEYS} upstream keys: a finalizer, an attempt record, a Secret and a status each, {besides} requests besides {events} events: {summary:?}"
     );
+    let per_key_reads = per_key.iter().filter(|r| !r.write()).count();
     assert!(
-        per_key.iter().all(|r| r.write()),
-        "no per-key reads: {summary:?}"
+        per_key_reads <= RACES,
+        "no per-key reads but a race's: {summary:?}"
     );
     assert!(
         reads <= 3,
@@ -300,19 +364,8 @@ async fn an_upstream_key_costs_five_requests_and_a_restart_with_them_ready_none(
 
 /// The Events about one key with this reason, oldest first.
 async fn events_about(client: &Client, ns: &str, key: &str, reason: &str) -> Vec<Event> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    let mut found: Vec<Event> = events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| {
-            e.reason.as_deref() == Some(reason)
-                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(key)
-        })
-        .collect();
-    found.sort_by_key(|e| e.event_time.clone().map(|t| t.0));
+    let mut found = events_in(client, ns, reason).await;
+    found.retain(|e| regarding(e) == Some(key));
     found
 }
 

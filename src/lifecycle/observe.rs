@@ -295,6 +295,23 @@ impl Note {
             } => (true, reason.clone(), message.clone()),
         }
     }
+
+    /// The note of the provider's Event a wave of these is counted on (`events`), or
+    /// `None` when each must keep an Event of its own (warnings, rollouts).
+    pub fn wave(&self) -> Option<&'static str> {
+        match self {
+            Note::Issued { previous: None, .. } => Some(
+                "keys issued through this provider in a wave: beyond the first few a minute, each is counted in this Event's series instead of an Event of its own; each key's status names its key",
+            ),
+            Note::Issued { .. } => Some(
+                "keys rotated through this provider in a wave: beyond the first few a minute, each is counted in this Event's series instead of an Event of its own; each key's status names its new key",
+            ),
+            Note::Revoked { .. } => Some(
+                "keys revoked through this provider in a wave: beyond the first few a minute, each is counted in this Event's series instead of an Event of its own",
+            ),
+            _ => None,
+        }
+    }
 }
 
 /// The next step, the status it is based on (the executor keeps it as its working

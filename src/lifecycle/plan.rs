@@ -45,17 +45,18 @@ pub fn plan(o: &Observed) -> Plan {
 }
 
 fn plan_apply(o: &Observed, p: &mut Plan) -> Step {
-    if !o.key.finalized {
-        return Step::AddFinalizer;
-    }
     let provider = match &o.provider {
         ProviderView::Unresolved => return Step::Resolve,
+        ProviderView::Unavailable(_) if !o.key.finalized => return Step::AddFinalizer,
         ProviderView::Unavailable(r) => {
             p.notes.push(refused_note(r));
             return finish(o, p, None);
         }
         ProviderView::Ready(ready) => ready,
     };
+    if !o.key.finalized && needs_finalizer(o, provider) {
+        return Step::AddFinalizer;
+    }
     adopt(o, p, provider);
     in_flight(o, p, provider)
         .or_else(|| retired_secret(o, p))
@@ -64,6 +65,17 @@ fn plan_apply(o: &Observed, p: &mut Plan) -> Step {
         .or_else(|| issuance(o, p, provider))
         .or_else(|| retirement(o, p))
         .unwrap_or_else(|| finish(o, p, Some(provider)))
+}
+
+/// Whether a delete must wait for keyward: it must unless the provider mints locally.
+/// A `builtin` key exists only in its Secret, which its owner reference lets the
+/// garbage collector delete with it, so it carries no finalizer (one write fewer per
+/// key, and a delete that is immediate). A finalizer, once on, stays until the delete,
+/// so a key that ever used an upstream provider keeps it — it is added before the
+/// first upstream attempt — and still revokes what it holds there when it is deleted.
+/// (An attempt in status is an upstream one: local issuance records none.)
+fn needs_finalizer(o: &Observed, provider: &ReadyProvider) -> bool {
+    !provider.caps.local || o.status.attempt.is_some()
 }
 
 /// The attempt whose key may be in a Secret without status saying so yet: the one in
@@ -758,6 +770,40 @@ mod tests {
             !p.status.is_ready(),
             "not Ready for generation 2 with a key of 1"
         );
+    }
+
+    #[test]
+    fn only_a_key_that_can_hold_something_upstream_gets_a_finalizer() {
+        for (local, provider, finalizer) in [
+            (false, true, true),
+            (true, true, false),
+            // Unknown provider: kept as before, the finalizer first.
+            (true, false, true),
+        ] {
+            let mut o = observed(local);
+            o.key.finalized = false;
+            if !provider {
+                o.provider = ProviderView::Unavailable(Refusal {
+                    reason: "ProviderNotFound",
+                    message: "no such provider".into(),
+                });
+            }
+            let step = plan(&o).step;
+            assert_eq!(
+                step == Step::AddFinalizer,
+                finalizer,
+                "local {local}, provider ready {provider}: {step:?}"
+            );
+        }
+        // A builtin key whose status still records an upstream attempt keeps the rule.
+        let mut o = observed(true);
+        o.key.finalized = false;
+        o.status.attempt = Some(interrupted(&o, "x", None));
+        assert_eq!(plan(&o).step, Step::AddFinalizer);
+        // And a builtin key without one is deleted by its owner's garbage collection.
+        let mut o = observed(true);
+        (o.key.finalized, o.key.deleting) = (false, true);
+        assert_eq!(plan(&o).step, Step::Done(Wake::Never));
     }
 
     #[test]

@@ -20,9 +20,15 @@ mod rollout;
 mod watches;
 mod world;
 
-use std::{fmt::Debug, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    hash::{DefaultHasher, Hash, Hasher},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
-use futures::{FutureExt, StreamExt, stream::BoxStream};
+use futures::{FutureExt, Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Resource, ResourceExt,
@@ -291,10 +297,49 @@ impl<K: ManagedKey> Triggers<K> {
             keys: keys.store.clone(),
             own: keys.objects().boxed(),
             secrets: secrets.subscribe().boxed(),
-            providers: providers.subscribe().boxed(),
-            cluster_providers: cluster_providers.subscribe().boxed(),
+            providers: resolving(providers.subscribe(), providers.store.clone()).boxed(),
+            cluster_providers: resolving(
+                cluster_providers.subscribe(),
+                cluster_providers.store.clone(),
+            )
+            .boxed(),
         }
     }
+}
+
+/// The provider events that can change what a key resolves to: a new spec
+/// (generation), new labels or annotations (annotating a provider is the documented way
+/// to have its credential read again), or the provider gone. A status write — the
+/// provider status controller's own — cannot, and would otherwise re-plan every key
+/// that names the provider, racing the caches of a wave's own writes.
+fn resolving<P>(
+    events: impl Stream<Item = Result<P, watcher::Error>> + Send + 'static,
+    store: Store<P>,
+) -> impl Stream<Item = Result<P, watcher::Error>> + Send + 'static
+where
+    P: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    let seen: Mutex<HashMap<String, u64>> = Mutex::default();
+    events.filter(move |event| {
+        let Ok(provider) = event else {
+            return futures::future::ready(true);
+        };
+        let uid = provider.uid().unwrap_or_default();
+        let present = store
+            .get(&ObjectRef::from_obj(provider))
+            .is_some_and(|cached| cached.uid() == provider.uid());
+        let mut seen = seen.lock().expect("provider digests lock");
+        let changed = if present {
+            let mut h = DefaultHasher::new();
+            let meta = provider.meta();
+            (&meta.generation, &meta.labels, &meta.annotations).hash(&mut h);
+            seen.insert(uid, h.finish()) != Some(h.finish())
+        } else {
+            seen.remove(&uid);
+            true
+        };
+        futures::future::ready(changed)
+    })
 }
 
 /// Whether `key` is the watch event of this process's own last write of it. The
@@ -309,6 +354,21 @@ fn echo<K: ManagedKey>(world: &KubeWorld, key: &K) -> bool {
         metrics::global().key_observed(&KeyRef::of(key), key.key_status());
     }
     own
+}
+
+/// Whether `key`'s watch event is of its deletion: the cache, which the event has
+/// already reached, no longer holds it. A key deleted without a finalizer (`builtin`)
+/// never reaches a reconcile — the controller finds it gone — so what this process
+/// kept about it (metric series, memo) is dropped here.
+fn gone<K: ManagedKey>(world: &KubeWorld, store: &Store<K>, key: &K) -> bool {
+    let gone = store
+        .get(&ObjectRef::from_obj(key))
+        .is_none_or(|cached| cached.uid() != key.uid());
+    if gone {
+        metrics::global().key_forgotten(&KeyRef::of(key));
+        world.memo().forget(key);
+    }
+    gone
 }
 
 /// The keys in `store` that `matches` says name a provider.
@@ -336,8 +396,11 @@ async fn run_kind<K: ManagedKey>(
     let by_cluster_provider = triggers.keys.clone();
     let concurrency = world.ctx().settings.concurrency;
     let (keys_written, secrets_written) = (world.clone(), world.clone());
+    let cached = triggers.keys.clone();
     let own = triggers.own.filter(move |event| {
-        futures::future::ready(!matches!(event, Ok(k) if echo(&keys_written, k)))
+        futures::future::ready(
+            !matches!(event, Ok(k) if gone(&keys_written, &cached, k) || echo(&keys_written, k)),
+        )
     });
     let secrets = triggers.secrets.filter(move |event| {
         let echo = matches!(event, Ok(s) if secrets_written.memo().seen_secret(s));

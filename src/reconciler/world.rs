@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::{
-    Api, ResourceExt,
+    Api, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::reflector::{ObjectRef, Store},
 };
@@ -16,12 +16,12 @@ use tracing::info;
 use super::{ManagedKey, Workloads, World, memo::Memo, rollout, rollout_annotation};
 use crate::{
     context::{self, Context, CrashPoint, MANAGER, Result},
-    events::Occurrence,
+    events::{Occurrence, WaveOf},
     lifecycle::{Note, Timing, rollout::TargetView},
     metrics::{self, KeyRef},
     providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
     resolve::{self, Caches, KeyRequest, Resolution},
-    resources::{KeyStatus, RolloutTarget},
+    resources::{KeyStatus, ProviderKind, RolloutTarget},
 };
 
 pub struct KubeWorld {
@@ -68,6 +68,23 @@ impl KubeWorld {
             self.ctx.client.clone(),
             &key.namespace().unwrap_or_default(),
         )
+    }
+
+    /// The cached provider object a key names, for the Events its waves are counted on.
+    fn provider_object<K: ManagedKey>(&self, key: &K) -> Option<ObjectReference> {
+        let reference = key.provider_ref();
+        match reference.kind {
+            ProviderKind::KeyProvider => self
+                .caches
+                .key_providers
+                .get(&ObjectRef::new(&reference.name).within(&key.namespace().unwrap_or_default()))
+                .map(|p| p.object_ref(&())),
+            ProviderKind::ClusterKeyProvider => self
+                .caches
+                .cluster_providers
+                .get(&ObjectRef::new(&reference.name))
+                .map(|p| p.object_ref(&())),
+        }
     }
 
     fn secrets<K: ManagedKey>(&self, key: &K) -> Api<Secret> {
@@ -239,10 +256,15 @@ impl<K: ManagedKey> World<K> for KubeWorld {
             reason: &reason,
             note: &message,
         };
+        let provider = note.wave().and_then(|_| self.provider_object(key));
+        let wave = note
+            .wave()
+            .zip(provider.as_ref())
+            .map(|(note, provider)| WaveOf { provider, note });
         if let Err(e) = self
             .ctx
             .recorder
-            .publish(&key.object_ref(&()), &event)
+            .publish(&key.object_ref(&()), &event, wave)
             .await
         {
             tracing::warn!(error = %e, "could not publish event");
