@@ -76,6 +76,14 @@ impl Request {
             && self.namespace.as_deref() != Some(crate::OPERATOR_NAMESPACE)
     }
 
+    /// A request made once per process (or per watch timeout), whatever the number of
+    /// keys: a list or watch, a non-resource URL, an object in the operator namespace.
+    pub fn is_per_process(&self) -> bool {
+        matches!(self.verb.as_str(), "list" | "watch")
+            || self.resource.starts_with('/')
+            || self.namespace.as_deref() == Some(crate::OPERATOR_NAMESPACE)
+    }
+
     /// Requests that mean the operator is still busy: not an open watch, not a Lease.
     pub fn is_work(&self) -> bool {
         self.verb != "watch" && !self.is_lease()
@@ -188,6 +196,8 @@ pub struct Tally {
     pub gets: usize,
     /// GETs of one key's objects ([`Request::is_per_key_get`]).
     pub per_key_gets: usize,
+    /// Requests made once per process, whatever N ([`Request::is_per_process`]).
+    pub per_process: usize,
     pub leases: usize,
     /// Requests received in the busiest second: the client rate actually used.
     pub peak_per_second: usize,
@@ -207,6 +217,7 @@ impl Tally {
             tally.writes += usize::from(r.is_write());
             tally.gets += usize::from(r.verb == "get" && !r.is_lease());
             tally.per_key_gets += usize::from(r.is_per_key_get());
+            tally.per_process += usize::from(r.is_per_process());
             tally.leases += usize::from(r.is_lease());
         }
         tally.peak_per_second = per_second.into_values().max().unwrap_or(0);
@@ -318,5 +329,31 @@ mod tests {
         assert!(get("authkeys", Some("tailscale")).is_per_key_get());
         assert!(!get("secrets", Some(crate::OPERATOR_NAMESPACE)).is_per_key_get());
         assert!(!get("/version", None).is_per_key_get());
+    }
+
+    #[test]
+    fn lists_watches_version_and_the_operator_namespace_are_per_process() {
+        let request = |verb: &str, resource: &str, namespace: Option<&str>| Request {
+            user: "keyward".into(),
+            verb: verb.into(),
+            resource: resource.into(),
+            namespace: namespace.map(str::to_owned),
+            at: Timestamp::UNIX_EPOCH,
+        };
+        for per_process in [
+            request("watch", "secrets", None),
+            request("list", "authkeys", Some("builtin")),
+            request("get", "/version", None),
+            request("get", "secrets", Some(crate::OPERATOR_NAMESPACE)),
+        ] {
+            assert!(per_process.is_per_process(), "{per_process:?}");
+        }
+        for per_key in [
+            request("patch", "authkeys/status", Some("builtin")),
+            request("create", "events", Some("default")),
+            request("get", "secrets", Some("builtin")),
+        ] {
+            assert!(!per_key.is_per_process(), "{per_key:?}");
+        }
     }
 }

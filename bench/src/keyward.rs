@@ -1,6 +1,6 @@
-//! keyward's phases, on one control plane: builtin keys (wave, restart, idle,
-//! deletion), then Tailscale keys against the emulator (wave, paced keys, leader
-//! failover, rotation wave, deletion).
+//! keyward's phases, on one control plane: builtin keys (wave, restart, leader
+//! failover, idle, deletion), then Tailscale keys against the emulator (wave, paced
+//! keys, rotation wave, deletion).
 
 use std::{collections::HashMap, path::PathBuf, process::Command, time::Duration};
 
@@ -226,11 +226,21 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     let (builtin, keyward) = common_phases(
         run,
         &mut c,
-        &authkeys(),
-        "builtin",
-        builtin_keys(a.keys),
+        (&authkeys(), "builtin", builtin_keys(a.keys)),
         keyward,
         || operator.start("keyward-1", false),
+        async |c, keyward| {
+            run.say("keyward: two replicas with leader election; killing the leader");
+            let mut peak_rss = keyward.peak_rss();
+            keyward.stop(Duration::from_secs(30)).await;
+            let (failover, standby, leader_rss) = failover(c, &operator).await?;
+            peak_rss = peak_rss.max(leader_rss);
+            run.say(&format!(
+                "keyward: took over in {:.1} s, quiet {:.1} s later",
+                failover.takeover, failover.quiet_after_takeover
+            ));
+            Ok((failover, standby, peak_rss))
+        },
     )
     .await?;
     let mut peak_rss = builtin.peak_rss;
@@ -239,7 +249,7 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
         keyward.stop(Duration::from_secs(30)).await;
         None
     } else {
-        let (phases, rss) = tailscale(run, &mut c, &operator, &emulator, keyward).await?;
+        let (phases, rss) = tailscale(run, &mut c, &emulator, keyward).await?;
         peak_rss = peak_rss.max(rss);
         Some(phases)
     };
@@ -247,6 +257,7 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     Ok(Keyward {
         builtin: builtin.wave,
         restart: builtin.restart,
+        failover: builtin.more,
         idle: builtin.idle,
         builtin_deletion: builtin.deletion,
         tailscale,
@@ -254,12 +265,11 @@ pub async fn run(run: &Run) -> anyhow::Result<Keyward> {
     })
 }
 
-/// The Tailscale wave, paced keys, the failover, the rotation wave and the deletion;
+/// The Tailscale wave, paced keys, the rotation wave and the deletion;
 /// returns them with the highest peak RSS of the keyward processes, all stopped.
 async fn tailscale(
     run: &Run,
     c: &mut Cluster,
-    operator: &Operator<'_>,
     emulator: &Emulator,
     mut keyward: Process,
 ) -> anyhow::Result<(Tailscale, u64)> {
@@ -277,16 +287,8 @@ async fn tailscale(
     ));
 
     let paced = paced(run, c, &tracker, emulator, &mut keyward).await?;
-
-    run.say("keyward: two replicas with leader election; killing the leader");
+    run.say("keyward: rotation wave");
     let mut peak_rss = keyward.peak_rss();
-    keyward.stop(Duration::from_secs(30)).await;
-    let (failover, mut keyward, leader_rss) = failover(c, operator, emulator).await?;
-    peak_rss = peak_rss.max(leader_rss);
-    run.say(&format!(
-        "keyward: took over in {:.1} s, quiet {:.1} s later; rotation wave",
-        failover.takeover, failover.quiet_after_takeover
-    ));
 
     let rotation = rotation(c, &tracker, emulator, &ts_names, &mut keyward).await?;
     run.say(&format!(
@@ -309,7 +311,6 @@ async fn tailscale(
             wave,
             upstream,
             paced,
-            failover,
             rotation,
             deletion,
         },
@@ -369,7 +370,6 @@ async fn paced(
 async fn failover(
     c: &mut Cluster,
     operator: &Operator<'_>,
-    emulator: &Emulator,
 ) -> anyhow::Result<(Failover, Process, u64)> {
     let timeout = c.timeout;
     let t0 = Timestamp::now();
@@ -388,7 +388,6 @@ async fn failover(
     c.wait_started_and_quiet(t0, &mut [&mut a, &mut b]).await?;
     let (leader, mut standby) = if holder == a.name { (a, b) } else { (b, a) };
     let leader_rss = leader.peak_rss();
-    let before = emulator.stats().await?;
     // The leader is gone before the clock starts: nothing it sent counts as the
     // standby's work.
     leader.kill();
@@ -408,13 +407,11 @@ async fn failover(
     let last = c
         .wait_started_and_quiet(killed, &mut [&mut standby])
         .await?;
-    let after = emulator.stats().await?;
     Ok((
         Failover {
             takeover: cluster::seconds(killed, took_over),
             requests: c.tally(killed)?,
             quiet_after_takeover: cluster::seconds(took_over, last).max(0.0),
-            upstream_requests: upstream_between(&before, &after, killed).requests,
         },
         standby,
         leader_rss,

@@ -84,7 +84,7 @@ pub struct Args {
     /// Leave External Secrets Operator out (it is built once, ~10 minutes, on first use).
     #[arg(long)]
     pub no_eso: bool,
-    /// Leave keyward's Tailscale phases out (its wave, paced keys, failover, rotation
+    /// Leave keyward's Tailscale phases out (its wave, paced keys, rotation
     /// wave and deletion): builtin keys only, for a large N in less time.
     #[arg(long)]
     pub no_tailscale: bool,
@@ -174,26 +174,29 @@ pub fn names(docs: &[Value]) -> Vec<String> {
 }
 
 /// What keyward (with builtin keys) and ESO are both put through.
-pub struct CommonPhases {
+pub struct CommonPhases<T> {
     pub wave: Wave,
     pub restart: Restart,
     pub idle: Idle,
     pub deletion: Deletion,
-    /// The higher of both processes'.
+    /// What `with_ready` measured.
+    pub more: T,
+    /// The highest of every process's.
     pub peak_rss: u64,
 }
 
 /// N keys applied at once; a restart with N Ready keys (`start` makes the new
-/// process); idle; every key deleted. Returns the process still running.
-pub async fn common_phases(
+/// process); what `with_ready` measures with them Ready (it returns the process to go
+/// on with and the highest peak RSS of those it stopped); idle; every key deleted.
+/// Returns the process still running.
+pub async fn common_phases<T>(
     run: &Run,
     cluster: &mut Cluster,
-    resource: &ApiResource,
-    namespace: &str,
-    docs: Vec<Value>,
+    (resource, namespace, docs): (&ApiResource, &str, Vec<Value>),
     mut operator: Process,
     start: impl FnOnce() -> anyhow::Result<Process>,
-) -> anyhow::Result<(CommonPhases, Process)> {
+    with_ready: impl AsyncFnOnce(&mut Cluster, Process) -> anyhow::Result<(T, Process, u64)>,
+) -> anyhow::Result<(CommonPhases<T>, Process)> {
     let who = cluster.user.clone();
     run.say(&format!("{who}: applying {} keys", docs.len()));
     let key_names = names(&docs);
@@ -205,11 +208,13 @@ pub async fn common_phases(
         wave.took
     ));
     let first_rss = operator.peak_rss();
-    let (restart, mut operator) = restart(cluster, operator, start).await?;
+    let (restart, operator) = restart(cluster, operator, start).await?;
     run.say(&format!(
         "{who}: quiet {:.1} s after the restart; idle for {:?}",
         restart.quiet_after_start, run.args.idle
     ));
+    let restarted_rss = operator.peak_rss();
+    let (more, mut operator, more_rss) = with_ready(cluster, operator).await?;
     let idle = idle(cluster, &mut operator, run.args.idle).await?;
     run.say(&format!("{who}: deleting every key"));
     let deletion = delete_every(
@@ -226,7 +231,11 @@ pub async fn common_phases(
             restart,
             idle,
             deletion,
-            peak_rss: first_rss.max(operator.peak_rss()),
+            more,
+            peak_rss: first_rss
+                .max(restarted_rss)
+                .max(more_rss)
+                .max(operator.peak_rss()),
         },
         operator,
     ))
