@@ -186,8 +186,8 @@ pub struct CommonPhases<T> {
 }
 
 /// N keys applied at once; a restart with N Ready keys (`start` makes the new
-/// process); what `with_ready` measures with them Ready (it returns the process to go
-/// on with and the highest peak RSS of those it stopped); idle; every key deleted.
+/// process); idle; what `with_ready` measures with them Ready (it returns the process
+/// to go on with and the highest peak RSS of those it stopped); every key deleted.
 /// Returns the process still running.
 pub async fn common_phases<T>(
     run: &Run,
@@ -208,14 +208,15 @@ pub async fn common_phases<T>(
         wave.took
     ));
     let first_rss = operator.peak_rss();
-    let (restart, operator) = restart(cluster, operator, start).await?;
+    let (restart, mut operator) = restart(cluster, operator, start).await?;
     run.say(&format!(
         "{who}: quiet {:.1} s after the restart; idle for {:?}",
         restart.quiet_after_start, run.args.idle
     ));
+    let idle = idle(cluster, &mut operator, run.args.idle).await?;
+    // After the idle phase, so that it is measured without leader election.
     let restarted_rss = operator.peak_rss();
     let (more, mut operator, more_rss) = with_ready(cluster, operator).await?;
-    let idle = idle(cluster, &mut operator, run.args.idle).await?;
     run.say(&format!("{who}: deleting every key"));
     let deletion = delete_every(
         cluster,
