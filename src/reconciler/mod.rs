@@ -64,7 +64,8 @@ use crate::{
     secret,
 };
 
-/// Finalizer on every key resource: revoke upstream before the resource goes.
+/// Finalizer on every key resource that can hold something upstream (not `builtin`):
+/// revoke upstream before the resource goes.
 pub const FINALIZER: &str = "keyward.dev/revoke";
 
 /// What the engine needs from a key kind; `AuthKey` and `ServiceAccountKey` share
