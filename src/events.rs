@@ -85,17 +85,33 @@ struct Series {
     pruned: Option<Timestamp>,
 }
 
-fn digest(regarding: &ObjectReference, event: &Occurrence) -> u64 {
+/// A digest of the object and of `what` about it.
+fn digest(regarding: &ObjectReference, what: impl Hash) -> u64 {
     let mut h = DefaultHasher::new();
     (
         &regarding.uid,
         &regarding.namespace,
         &regarding.name,
         &regarding.kind,
-        event,
+        what,
     )
         .hash(&mut h);
     h.finish()
+}
+
+/// A new Event's name: its object's, made unique by the time.
+fn event_name(regarding: &ObjectReference, now: Timestamp) -> String {
+    let object = regarding.name.as_deref().unwrap_or("keyward");
+    format!("{object}.{:x}", now.as_nanosecond())
+}
+
+/// Whether the once-a-minute pruning of closed entries is due (then it is done now).
+fn prune_due(pruned: &mut Option<Timestamp>, now: Timestamp) -> bool {
+    let due = pruned.is_none_or(|at| now.duration_since(at) > SignedDuration::from_mins(1));
+    if due {
+        *pruned = Some(now);
+    }
+    due
 }
 
 impl Series {
@@ -107,13 +123,9 @@ impl Series {
         now: Timestamp,
     ) -> Publish {
         // Closed series go at most once a minute, not on every event.
-        if self
-            .pruned
-            .is_none_or(|at| now.duration_since(at) > SignedDuration::from_mins(1))
-        {
+        if prune_due(&mut self.pruned, now) {
             self.open
                 .retain(|_, s| now.duration_since(s.last) < ISOLATION);
-            self.pruned = Some(now);
         }
         let key = digest(regarding, event);
         match self.open.get_mut(&key) {
@@ -126,8 +138,7 @@ impl Series {
                 }
             }
             _ => {
-                let object = regarding.name.as_deref().unwrap_or("keyward");
-                let name = format!("{object}.{:x}", now.as_nanosecond());
+                let name = event_name(regarding, now);
                 self.open.insert(
                     key,
                     Open {
@@ -188,30 +199,13 @@ struct Waves {
     pruned: Option<Timestamp>,
 }
 
-fn wave_digest(provider: &ObjectReference, event: &Occurrence) -> u64 {
-    let mut h = DefaultHasher::new();
-    (
-        &provider.uid,
-        &provider.namespace,
-        &provider.name,
-        &provider.kind,
-        event.reason,
-    )
-        .hash(&mut h);
-    h.finish()
-}
-
 impl Waves {
     /// Takes a token for an Event of its own, or folds the occurrence.
     fn admit(&mut self, key: u64, now: Timestamp) -> Admit {
-        if self
-            .pruned
-            .is_none_or(|at| now.duration_since(at) > SignedDuration::from_mins(1))
-        {
+        if prune_due(&mut self.pruned, now) {
             self.open.retain(|_, w| {
                 w.flushing || w.folded > w.sent || now.duration_since(w.last) < ISOLATION
             });
-            self.pruned = Some(now);
         }
         let w = self.open.entry(key).or_insert_with(|| Wave {
             tokens: f64::from(WAVE_BURST),
@@ -243,7 +237,7 @@ impl Waves {
     }
 
     /// What a scheduled flush sends now; the flush is over once this says `Nothing`.
-    fn flush(&mut self, key: u64, provider: &str, now: Timestamp) -> Flush {
+    fn flush(&mut self, key: u64, provider: &ObjectReference, now: Timestamp) -> Flush {
         let Some(w) = self.open.get_mut(&key) else {
             return Flush::Nothing;
         };
@@ -258,7 +252,7 @@ impl Waves {
                 count: w.folded,
             },
             None => {
-                let name = format!("{provider}.{:x}", now.as_nanosecond());
+                let name = event_name(provider, now);
                 w.name = Some(name.clone());
                 Flush::Create {
                     name,
@@ -387,7 +381,8 @@ impl Recorder {
     ) -> Result<(), kube::Error> {
         let now = Timestamp::now();
         if let Some(wave) = wave.filter(|_| !event.warning) {
-            let key = wave_digest(wave.provider, event);
+            // A wave is one provider's, one reason's, whatever the message.
+            let key = digest(wave.provider, event.reason);
             let admit = self.waves.lock().expect("wave lock").admit(key, now);
             match admit {
                 Admit::Own => {}
@@ -436,7 +431,6 @@ impl Recorder {
         let provider = wave.provider.clone();
         let (reason, note) = (event.reason.to_owned(), wave.note.to_owned());
         tokio::spawn(async move {
-            let name = provider.name.clone().unwrap_or_else(|| "keyward".into());
             let event = Occurrence {
                 warning: false,
                 reason: &reason,
@@ -445,7 +439,7 @@ impl Recorder {
             loop {
                 tokio::time::sleep(WAVE_FLUSH).await;
                 let now = Timestamp::now();
-                let flush = waves.lock().expect("wave lock").flush(key, &name, now);
+                let flush = waves.lock().expect("wave lock").flush(key, &provider, now);
                 let sent = match flush {
                     Flush::Nothing => return,
                     Flush::Create { name, count } => {
@@ -574,7 +568,7 @@ mod tests {
     #[test]
     fn a_wave_has_a_burst_of_events_of_its_own_then_is_counted_on_one_event() {
         let mut waves = Waves::default();
-        let key = wave_digest(&provider(), &ISSUED);
+        let key = digest(&provider(), ISSUED.reason);
         let t0: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
         let admitted: Vec<Admit> = (0..1000).map(|_| waves.admit(key, t0)).collect();
         let own = admitted.iter().filter(|a| **a == Admit::Own).count();
@@ -588,19 +582,23 @@ mod tests {
             "one flush is scheduled for the whole wave"
         );
         assert_eq!(
-            waves.flush(key, "builtin", t0),
+            waves.flush(key, &provider(), t0),
             Flush::Create {
                 name: format!("builtin.{:x}", t0.as_nanosecond()),
                 count: 990
             }
         );
-        assert_eq!(waves.flush(key, "builtin", t0), Flush::Nothing, "all sent");
+        assert_eq!(
+            waves.flush(key, &provider(), t0),
+            Flush::Nothing,
+            "all sent"
+        );
         // Later folds count on the same Event; the budget refills one per WAVE_REFILL.
         let t1 = t0 + SignedDuration::from_secs(60);
         let later: Vec<Admit> = (0..20).map(|_| waves.admit(key, t1)).collect();
         assert_eq!(later.iter().filter(|a| **a == Admit::Own).count(), 10);
         assert!(matches!(
-            waves.flush(key, "builtin", t1),
+            waves.flush(key, &provider(), t1),
             Flush::Repeat { count: 1000, .. }
         ));
     }
@@ -608,7 +606,7 @@ mod tests {
     #[test]
     fn a_trickle_within_the_refill_rate_keeps_an_event_each() {
         let mut waves = Waves::default();
-        let key = wave_digest(&provider(), &ISSUED);
+        let key = digest(&provider(), ISSUED.reason);
         let t0: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
         for i in 0..100 {
             let at = t0 + WAVE_REFILL * i;
@@ -619,30 +617,30 @@ mod tests {
     #[test]
     fn a_lost_wave_event_is_created_again_with_the_whole_count() {
         let mut waves = Waves::default();
-        let key = wave_digest(&provider(), &ISSUED);
+        let key = digest(&provider(), ISSUED.reason);
         let t0: Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
         for _ in 0..15 {
             waves.admit(key, t0);
         }
         assert!(matches!(
-            waves.flush(key, "p", t0),
+            waves.flush(key, &provider(), t0),
             Flush::Create { count: 5, .. }
         ));
         waves.lost(key, true);
         assert_eq!(waves.admit(key, t0), Admit::Fold { flush: true });
         assert!(matches!(
-            waves.flush(key, "p", t0),
+            waves.flush(key, &provider(), t0),
             Flush::Create { count: 6, .. }
         ));
         // A quiet wave's Event is closed: the next wave starts another.
-        assert_eq!(waves.flush(key, "p", t0), Flush::Nothing);
+        assert_eq!(waves.flush(key, &provider(), t0), Flush::Nothing);
         let quiet = t0 + SignedDuration::from_mins(7);
         for _ in 0..WAVE_BURST {
             assert_eq!(waves.admit(key, quiet), Admit::Own);
         }
         assert_eq!(waves.admit(key, quiet), Admit::Fold { flush: true });
         assert!(matches!(
-            waves.flush(key, "p", quiet),
+            waves.flush(key, &provider(), quiet),
             Flush::Create { count: 1, .. }
         ));
     }

@@ -256,10 +256,11 @@ impl<K: ManagedKey> World<K> for KubeWorld {
             reason: &reason,
             note: &message,
         };
-        let provider = note.wave().and_then(|_| self.provider_object(key));
         let wave = note
             .wave()
-            .zip(provider.as_ref())
+            .and_then(|note| Some((note, self.provider_object(key)?)));
+        let wave = wave
+            .as_ref()
             .map(|(note, provider)| WaveOf { provider, note });
         if let Err(e) = self
             .ctx
