@@ -525,3 +525,51 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl Future<Output = ()> + Send + 
         provider_status::run(ctx, apis, provider_watches, cluster_watch, shutdown),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector;
+    use serde_json::json;
+
+    fn provider(uid: &str, generation: i64, annotation: &str, observed: i64) -> KeyProvider {
+        serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyProvider",
+            "metadata": {"name": "p", "namespace": "ns", "uid": uid, "generation": generation,
+                         "annotations": {"keyward.dev/reloaded": annotation}},
+            "spec": {"builtin": {}},
+            "status": {"observedGeneration": observed},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_what_can_change_resolution_re_plans_the_keys_of_a_provider() {
+        let (store, mut writer) = reflector::store();
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        let mut passed = resolving(rx.map(Ok), store).boxed();
+        // Each line: what the watch delivers (after the cache has it), and whether keys
+        // are re-planned for it.
+        for (step, (object, deleted, replan)) in [
+            (provider("u1", 1, "a", 0), false, true),  // first seen
+            (provider("u1", 1, "a", 1), false, false), // its status written
+            (provider("u1", 2, "a", 1), false, true),  // spec changed
+            (provider("u1", 2, "b", 1), false, true),  // annotated: re-read credentials
+            (provider("u1", 2, "b", 2), false, false), // status again
+            (provider("u1", 2, "b", 2), true, true),   // deleted
+            (provider("u2", 1, "b", 0), false, true),  // created again, same name
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            writer.apply_watcher_event(&if deleted {
+                watcher::Event::Delete(object.clone())
+            } else {
+                watcher::Event::Apply(object.clone())
+            });
+            tx.unbounded_send(object).unwrap();
+            let got = passed.next().now_or_never().is_some();
+            assert_eq!(got, replan, "step {step}");
+        }
+    }
+}
