@@ -125,8 +125,16 @@ fn duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{s:?} is not a duration like 15s, 1m or 1m30s"))
 }
 
+#[cfg(feature = "heap-profile")]
+#[global_allocator]
+static ALLOC: dhat::Alloc = dhat::Alloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    #[cfg(feature = "heap-profile")]
+    let _profiler = dhat::Profiler::builder()
+        .file_name(format!("dhat-heap-{}.json", std::process::id()))
+        .build();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     let (json, level) = match &cli.command {
