@@ -177,30 +177,106 @@ pub fn attempt_annotations(attempt: &IssueAttempt, key: &IssuedFacts) -> BTreeMa
 /// What keyward's annotations on a Secret say, for the planner; `owner` is the uid of
 /// the key resource looking at it.
 pub fn view(secret: &Secret, owner: &str) -> SecretView {
-    let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-    let text = |k: &str| annotations.get(k).cloned();
-    let time = |k: &str| annotations.get(k).and_then(|v| v.parse().ok());
-    let owned = secret
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| o.uid == owner && o.controller == Some(true));
-    SecretView {
-        uid: secret.metadata.uid.clone(),
-        resource_version: secret.metadata.resource_version.clone(),
-        hash: secret_hash(secret),
-        owned,
-        attempt: text(ATTEMPT_ANNOTATION),
-        key_id: text(KEY_ID_ANNOTATION),
-        revision: annotations
-            .get(REVISION_ANNOTATION)
-            .and_then(|v| v.parse().ok()),
-        created_at: time(CREATED_AT_ANNOTATION),
-        expires_at: time(EXPIRES_AT_ANNOTATION),
-        shape: text(SHAPE_ANNOTATION),
-        reason: text(REASON_ANNOTATION),
-        rotate_request: text(ROTATE_REQUEST_ANNOTATION),
+    CachedSecret::of(secret).view(owner)
+}
+
+/// A Secret as keyward's watch cache (and its memo of its own writes) keeps it: its
+/// name, version and controlling owner (what triggers the key), the digest of its
+/// data and keyward's annotations, parsed — what [`view`] reads, nothing else. At
+/// 10,000 keys the whole Secrets (data, labels, every annotation, each map a B-tree
+/// node of its own) were the largest part of keyward's memory.
+#[derive(Clone, Debug, Default)]
+pub struct CachedSecret {
+    pub metadata: ObjectMeta,
+    /// The view with no owner: `uid` and `resource_version` come from `metadata`.
+    facts: SecretView,
+}
+
+impl CachedSecret {
+    pub fn of(secret: &Secret) -> Self {
+        let meta = &secret.metadata;
+        let annotations = meta.annotations.as_ref();
+        let text = |k: &str| annotations.and_then(|a| a.get(k)).cloned();
+        let controllers: Vec<OwnerReference> = meta
+            .owner_references
+            .iter()
+            .flatten()
+            .filter(|o| o.controller == Some(true))
+            .cloned()
+            .collect();
+        Self {
+            metadata: ObjectMeta {
+                name: meta.name.clone(),
+                namespace: meta.namespace.clone(),
+                uid: meta.uid.clone(),
+                resource_version: meta.resource_version.clone(),
+                owner_references: (!controllers.is_empty()).then_some(controllers),
+                ..Default::default()
+            },
+            facts: SecretView {
+                hash: secret_hash(secret),
+                attempt: text(ATTEMPT_ANNOTATION),
+                key_id: text(KEY_ID_ANNOTATION),
+                revision: text(REVISION_ANNOTATION).and_then(|v| v.parse().ok()),
+                created_at: text(CREATED_AT_ANNOTATION).and_then(|v| v.parse().ok()),
+                expires_at: text(EXPIRES_AT_ANNOTATION).and_then(|v| v.parse().ok()),
+                shape: text(SHAPE_ANNOTATION),
+                reason: text(REASON_ANNOTATION),
+                rotate_request: text(ROTATE_REQUEST_ANNOTATION),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// What the Secret says, for the planner of the key resource with uid `owner`.
+    pub fn view(&self, owner: &str) -> SecretView {
+        let owned = self
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == owner && o.controller == Some(true));
+        SecretView {
+            uid: self.metadata.uid.clone(),
+            resource_version: self.metadata.resource_version.clone(),
+            owned,
+            ..self.facts.clone()
+        }
+    }
+}
+
+impl From<Secret> for CachedSecret {
+    fn from(secret: Secret) -> Self {
+        Self::of(&secret)
+    }
+}
+
+/// Read as a whole Secret, then cut: the watch's list and events decode straight
+/// into what the cache keeps.
+impl<'de> serde::Deserialize<'de> for CachedSecret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Secret::deserialize(d).map(Self::from)
+    }
+}
+
+/// The Secret's API type, so that the watch and the controller's owner mapping treat
+/// it as one.
+impl k8s_openapi::Resource for CachedSecret {
+    const API_VERSION: &'static str = <Secret as k8s_openapi::Resource>::API_VERSION;
+    const GROUP: &'static str = <Secret as k8s_openapi::Resource>::GROUP;
+    const KIND: &'static str = <Secret as k8s_openapi::Resource>::KIND;
+    const VERSION: &'static str = <Secret as k8s_openapi::Resource>::VERSION;
+    const URL_PATH_SEGMENT: &'static str = <Secret as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+    type Scope = <Secret as k8s_openapi::Resource>::Scope;
+}
+
+impl k8s_openapi::Metadata for CachedSecret {
+    type Ty = ObjectMeta;
+    fn metadata(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn metadata_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
     }
 }
 
@@ -331,5 +407,57 @@ mod tests {
         assert_eq!(h1, h2);
         let c = ("b".to_owned(), b"3".to_vec());
         assert_ne!(h1, data_hash([(&a.0, &a.1[..]), (&c.0, &c.1[..])]));
+    }
+
+    #[test]
+    fn the_cache_keeps_what_the_planner_reads_and_no_value() {
+        let json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {
+                "name": "agent", "namespace": "team", "uid": "s-1", "resourceVersion": "42",
+                "labels": {MANAGED_BY_LABEL: MANAGED_BY, "team": "a"},
+                "annotations": {
+                    ATTEMPT_ANNOTATION: "a-1", KEY_ID_ANNOTATION: "k-1",
+                    REVISION_ANNOTATION: "3", CREATED_AT_ANNOTATION: "2026-01-01T00:00:00Z",
+                    SHAPE_ANNOTATION: "sha256:s", REASON_ANNOTATION: "Created",
+                    "someone.else/note": "kept upstream, not here"
+                },
+                "ownerReferences": [
+                    {"apiVersion": "keyward.dev/v1alpha1", "kind": "AuthKey", "name": "agent",
+                     "uid": "k-uid", "controller": true},
+                    {"apiVersion": "v1", "kind": "ConfigMap", "name": "other", "uid": "c-uid"}
+                ]
+            },
+            "data": {"key": "c2VjcmV0"}
+        });
+        let secret: Secret = serde_json::from_value(json.clone()).unwrap();
+        let cached: CachedSecret = serde_json::from_value(json).unwrap();
+        // The planner sees the same either way.
+        assert_eq!(cached.view("k-uid"), view(&secret, "k-uid"));
+        let seen = cached.view("k-uid");
+        assert!(seen.owned && !cached.view("c-uid").owned);
+        assert_eq!(seen.hash, secret_hash(&secret));
+        assert_eq!(
+            (
+                seen.attempt.as_deref(),
+                seen.revision,
+                seen.resource_version.as_deref()
+            ),
+            (Some("a-1"), Some(3), Some("42"))
+        );
+        // Of the object only what triggers and guards remains (no data by type): no
+        // labels or other annotations, the controlling owner alone.
+        let meta = &cached.metadata;
+        assert!(meta.labels.is_none() && meta.annotations.is_none());
+        assert_eq!(meta.owner_references.as_ref().map(Vec::len), Some(1));
+        use kube::Resource as _;
+        assert_eq!(
+            (
+                CachedSecret::kind(&()),
+                CachedSecret::plural(&()),
+                CachedSecret::api_version(&())
+            ),
+            ("Secret".into(), "secrets".into(), "v1".into())
+        );
     }
 }

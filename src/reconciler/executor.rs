@@ -25,7 +25,7 @@ use crate::{
     },
     resolve::Resolution,
     resources::{IssueAttempt, KeyStatus, RolloutTarget},
-    secret,
+    secret::{self, CachedSecret},
 };
 
 /// Steps one reconcile may take before it gives up and retries (a plan that never
@@ -42,7 +42,7 @@ pub trait World<K: ManagedKey>: Send + Sync {
     /// What this process wrote, until the caches have it.
     fn memo(&self) -> &Memo;
     /// The Secret `name` in the key's namespace, from the watch cache.
-    fn cached_secret(&self, key: &K, name: &str) -> Option<Arc<Secret>>;
+    fn cached_secret(&self, key: &K, name: &str) -> Option<Arc<CachedSecret>>;
     /// The key resource from the API server (`None`: gone).
     async fn read_key(&self, key: &K) -> Result<Option<K>>;
     async fn read_secret(&self, key: &K, name: &str) -> Result<Option<Secret>>;
@@ -514,7 +514,7 @@ fn observe_secrets<K: ManagedKey, W: World<K>>(world: &W, key: &K, o: &mut Obser
         let cached = world.cached_secret(key, &name);
         match world.memo().secret(&namespace, &name, cached) {
             Some(found) => {
-                o.secrets.insert(name, secret::view(&found, &o.key.uid));
+                o.secrets.insert(name, found.view(&o.key.uid));
             }
             None => {
                 o.secrets.remove(&name);

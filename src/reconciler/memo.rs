@@ -19,6 +19,8 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Secret;
+
+use crate::secret::CachedSecret;
 use kube::ResourceExt;
 
 use super::ManagedKey;
@@ -29,7 +31,7 @@ type Entry = (u64, Arc<dyn Any + Send + Sync>);
 #[derive(Default)]
 pub struct Memo {
     keys: Mutex<HashMap<String, Entry>>,
-    secrets: Mutex<HashMap<String, (u64, Arc<Secret>)>>,
+    secrets: Mutex<HashMap<String, (u64, Arc<CachedSecret>)>>,
     /// Rollout targets as this process's annotations of them answered, by target and
     /// annotation.
     targets: Mutex<HashMap<String, (u64, TargetView)>>,
@@ -120,7 +122,7 @@ impl Memo {
     }
 
     /// [`Memo::seen`] for a Secret.
-    pub fn seen_secret(&self, seen: &Secret) -> bool {
+    pub fn seen_secret(&self, seen: &CachedSecret) -> bool {
         let id = secret_id(&seen.namespace().unwrap_or_default(), &seen.name_any());
         let mut secrets = self.secrets.lock().expect("memo lock");
         caught_up(&mut secrets, id, version(seen.resource_version()))
@@ -158,8 +160,8 @@ impl Memo {
         &self,
         namespace: &str,
         name: &str,
-        cached: Option<Arc<Secret>>,
-    ) -> Option<Arc<Secret>> {
+        cached: Option<Arc<CachedSecret>>,
+    ) -> Option<Arc<CachedSecret>> {
         // A trigger read off an absent Secret is confirmed by a fresh read before
         // anything is issued.
         let mut secrets = self.secrets.lock().expect("memo lock");
@@ -194,7 +196,7 @@ impl Memo {
             self.secrets
                 .lock()
                 .expect("memo lock")
-                .insert(id, (rv, Arc::new(written.clone())));
+                .insert(id, (rv, Arc::new(CachedSecret::of(written))));
         }
     }
 
@@ -282,9 +284,9 @@ mod tests {
         secret.metadata.name = Some("s".into());
         secret.metadata.namespace = Some("ns".into());
         secret.metadata.resource_version = Some("7".into());
-        assert!(!memo.seen_secret(&secret));
+        assert!(!memo.seen_secret(&CachedSecret::of(&secret)));
         memo.wrote_secret(&secret);
-        assert!(memo.seen_secret(&secret));
+        assert!(memo.seen_secret(&CachedSecret::of(&secret)));
         assert!(memo.secret("ns", "s", None).is_none());
     }
 
@@ -302,7 +304,9 @@ mod tests {
         );
         let mut older = secret.clone();
         older.metadata.resource_version = Some("5".into());
-        let seen = memo.secret("ns", "s", Some(Arc::new(older))).unwrap();
+        let seen = memo
+            .secret("ns", "s", Some(Arc::new(CachedSecret::of(&older))))
+            .unwrap();
         assert_eq!(seen.metadata.resource_version.as_deref(), Some("7"));
     }
 }

@@ -61,7 +61,7 @@ use crate::{
         KeyStatus, ProviderKind, ProviderRef, RolloutTarget, Rotation, SecretSpec,
         ServiceAccountKey,
     },
-    secret,
+    secret::{self, CachedSecret},
 };
 
 /// Finalizer on every key resource that can hold something upstream (not `builtin`):
@@ -279,7 +279,7 @@ fn error_policy<K: ManagedKey>(key: Arc<K>, error: &Error, world: Arc<KubeWorld>
 struct Triggers<K: ManagedKey> {
     keys: Store<K>,
     own: BoxStream<'static, Result<K, watcher::Error>>,
-    secrets: BoxStream<'static, Result<Secret, watcher::Error>>,
+    secrets: BoxStream<'static, Result<CachedSecret, watcher::Error>>,
     providers: BoxStream<'static, Result<KeyProvider, watcher::Error>>,
     cluster_providers: BoxStream<'static, Result<ClusterKeyProvider, watcher::Error>>,
 }
@@ -289,7 +289,7 @@ impl<K: ManagedKey> Triggers<K> {
     fn of(
         keys: &Shared<K>,
         (secrets, providers, cluster_providers): (
-            &Shared<Secret>,
+            &Shared<CachedSecret>,
             &Shared<KeyProvider>,
             &Shared<ClusterKeyProvider>,
         ),
@@ -449,7 +449,7 @@ async fn watch_secrets(
     ctx: &Context,
     namespace: Option<&str>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Shared<Secret> {
+) -> Shared<CachedSecret> {
     let managed = watcher::Config::default().labels(&format!(
         "{}={}",
         secret::MANAGED_BY_LABEL,

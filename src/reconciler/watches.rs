@@ -105,12 +105,10 @@ where
     pub fn objects(&self) -> impl Stream<Item = Result<T, watcher::Error>> + Send + 'static {
         // Subscribed first: an object changed meanwhile comes twice, never not at all.
         let changes = self.subscribe();
-        let now: Vec<Result<T, watcher::Error>> = self
-            .store
-            .state()
-            .into_iter()
-            .map(|o| Ok((*o).clone()))
-            .collect();
+        // Cloned one at a time as the controller takes them (it keeps only a
+        // reference to each): a copy of the whole cache at once was the peak of a
+        // restart's memory.
+        let now = self.store.state().into_iter().map(|o| Ok((*o).clone()));
         futures::stream::iter(now).chain(changes)
     }
 }

@@ -22,11 +22,12 @@ use crate::{
     providers::{IssueRequest, IssuedKey, KeyApi, ProviderError},
     resolve::{self, Caches, KeyRequest, Resolution},
     resources::{KeyStatus, ProviderKind, RolloutTarget},
+    secret::CachedSecret,
 };
 
 pub struct KubeWorld {
     ctx: Arc<Context>,
-    secrets: Store<Secret>,
+    secrets: Store<CachedSecret>,
     /// What providers are resolved from.
     caches: Caches,
     workloads: Arc<Workloads>,
@@ -36,7 +37,7 @@ pub struct KubeWorld {
 impl KubeWorld {
     pub fn new(
         ctx: Arc<Context>,
-        secrets: Store<Secret>,
+        secrets: Store<CachedSecret>,
         caches: Caches,
         workloads: Arc<Workloads>,
     ) -> Self {
@@ -113,7 +114,7 @@ impl<K: ManagedKey> World<K> for KubeWorld {
         &self.memo
     }
 
-    fn cached_secret(&self, key: &K, name: &str) -> Option<Arc<Secret>> {
+    fn cached_secret(&self, key: &K, name: &str) -> Option<Arc<CachedSecret>> {
         let namespace = key.namespace().unwrap_or_default();
         self.secrets.get(&ObjectRef::new(name).within(&namespace))
     }

@@ -24,6 +24,7 @@ use keyward::{
     reconciler::{Memo, World, rollout_annotation},
     resolve::Resolution,
     resources::{AuthKey, KeyStatus, RolloutTarget},
+    secret::CachedSecret,
 };
 use kube::ResourceExt;
 
@@ -198,14 +199,13 @@ impl World<AuthKey> for SimWorld {
         &self.memo
     }
 
-    fn cached_secret(&self, _: &AuthKey, name: &str) -> Option<Arc<Secret>> {
+    fn cached_secret(&self, _: &AuthKey, name: &str) -> Option<Arc<CachedSecret>> {
         let sim = self.sim.lock().unwrap();
         sim.instances[self.instance]
             .cache
             .secrets
             .get(name)
-            .cloned()
-            .map(Arc::new)
+            .map(|s| Arc::new(CachedSecret::of(s)))
     }
 
     async fn read_key(&self, key: &AuthKey) -> Result<Option<AuthKey>> {
