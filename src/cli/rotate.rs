@@ -411,7 +411,7 @@ mod tests {
         );
         // Recorded but the attempt is still being finished.
         let mut in_flight = status(3, Some("r2"), ready());
-        in_flight.attempt = Some(IssueAttempt {
+        in_flight.attempt = Some(Box::new(IssueAttempt {
             id: "a".into(),
             marker: "kw:a".into(),
             reason: "ForcedRotation".into(),
@@ -420,7 +420,7 @@ mod tests {
             rotate_request: Some("r3".into()),
             secret_name: "k".into(),
             revision: 3,
-        });
+        }));
         assert_ne!(
             progress(&key("r2", in_flight), Some(2)),
             Progress::Rotated { revision: 3 }

@@ -125,7 +125,7 @@ impl KeyReport {
             renewal_time: s.renewal_time.clone(),
             last_inspected_at: s.last_inspected_at.clone(),
             invalid: s.invalid.clone(),
-            attempt: s.attempt.clone(),
+            attempt: s.attempt.as_deref().cloned(),
             retiring: s.retiring.clone(),
             deleting: key.deleting,
             last_event: events.last().cloned(),

@@ -111,14 +111,14 @@ fn issue_failed(o: &mut Observed, failure: &Failure) {
         s.attempt = None;
     }
     let failures = s.backoff.as_ref().map_or(0, |b| b.failures) + 1;
-    s.backoff = Some(IssueBackoff {
+    s.backoff = Some(Box::new(IssueBackoff {
         failures,
         last_failure_time: Time(floor_second(o.now)),
         generation: o.key.generation,
         rotate_request: o.key.rotate_request.clone(),
         reason: failure.reason.clone(),
         message: failure.message.clone(),
-    });
+    }));
 }
 
 /// An attempt's orphans revoked (the attempt is over), or the search failed.

@@ -82,7 +82,7 @@ fn needs_finalizer(o: &Observed, provider: &ReadyProvider) -> bool {
 /// status; or, for a provider that mints locally and records nothing before, the one
 /// this reconcile minted for.
 fn open_attempt<'a>(o: &'a Observed, s: &'a KeyStatus, local: bool) -> Option<&'a IssueAttempt> {
-    s.attempt.as_ref().or(o
+    s.attempt.as_deref().or(o
         .run
         .attempt
         .as_ref()
@@ -212,7 +212,7 @@ fn in_flight(o: &Observed, p: &Plan, provider: &ReadyProvider) -> Option<Step> {
     if !o.fresh.contains(&a.secret_name) {
         return Some(Step::ReadSecret(a.secret_name.clone()));
     }
-    Some(Step::RevokeOrphans(a.clone()))
+    Some(Step::RevokeOrphans((**a).clone()))
 }
 
 /// A Secret written under an earlier `secret.name`: delete it (if keyward still
@@ -268,7 +268,7 @@ pub(super) fn pending(o: &Observed, s: &KeyStatus) -> Option<Trigger> {
 /// Until when failed issuances hold a new one back.
 fn backing_off(o: &Observed, s: &KeyStatus) -> Option<Timestamp> {
     backoff_until(
-        s.backoff.as_ref(),
+        s.backoff.as_deref(),
         o.key.generation,
         o.key.rotate_request.as_deref(),
     )
@@ -310,7 +310,7 @@ fn issuance(o: &Observed, p: &mut Plan, provider: &ReadyProvider) -> Option<Step
             attempt,
         });
     }
-    p.status.attempt = Some(attempt.clone());
+    p.status.attempt = Some(Box::new(attempt.clone()));
     settle(o, &mut p.status, Some(provider));
     Some(Step::WriteStatus {
         starts: Some(attempt),
@@ -530,7 +530,7 @@ fn orphans_failed(e: &str) -> String {
 /// is no attempt, or its recovery failed in this reconcile).
 fn recover_attempt(o: &Observed, p: &mut Plan, provider: &ReadyProvider) -> Option<Step> {
     adopt(o, p, provider);
-    let a = p.status.attempt.clone()?;
+    let a = *p.status.attempt.clone()?;
     let deadline = landing_deadline(&a, &o.timing);
     if o.now < deadline {
         let message = format!(
@@ -725,7 +725,7 @@ mod tests {
     fn an_attempt_from_an_earlier_run_waits_out_its_landing_window() {
         let mut o = observed(false);
         let attempt = interrupted(&o, "old", None);
-        o.status.attempt = Some(attempt.clone());
+        o.status.attempt = Some(Box::new(attempt.clone()));
         // The conditions it settles to are written once.
         let settled = plan(&o);
         assert_eq!(settled.step, Step::WriteStatus { starts: None });
@@ -751,7 +751,7 @@ mod tests {
     fn adoption_records_what_the_attempt_was_for_and_the_newer_spec_rotates() {
         let mut o = observed(false);
         let attempt = interrupted(&o, "old", Some("r1"));
-        o.status.attempt = Some(attempt.clone());
+        o.status.attempt = Some(Box::new(attempt.clone()));
         o.stored = o.status.clone();
         o.secrets.insert("k".into(), written(&attempt, "k1", o.now));
         o.key.shape = "shape-2".into();
@@ -798,7 +798,7 @@ mod tests {
         // A builtin key whose status still records an upstream attempt keeps the rule.
         let mut o = observed(true);
         o.key.finalized = false;
-        o.status.attempt = Some(interrupted(&o, "x", None));
+        o.status.attempt = Some(Box::new(interrupted(&o, "x", None)));
         assert_eq!(plan(&o).step, Step::AddFinalizer);
         // And a builtin key without one is deleted by its owner's garbage collection.
         let mut o = observed(true);
@@ -810,7 +810,7 @@ mod tests {
     fn deletion_never_releases_the_finalizer_while_a_create_may_land() {
         let mut o = observed(false);
         o.key.deleting = true;
-        o.status.attempt = Some(interrupted(&o, "x", None));
+        o.status.attempt = Some(Box::new(interrupted(&o, "x", None)));
         o.stored = o.status.clone();
         let p = plan(&o);
         assert!(
@@ -824,14 +824,14 @@ mod tests {
     #[test]
     fn failures_back_off_until_the_spec_changes() {
         let mut o = observed(false);
-        o.status.backoff = Some(crate::resources::IssueBackoff {
+        o.status.backoff = Some(Box::new(crate::resources::IssueBackoff {
             failures: 3,
             last_failure_time: Time(o.now),
             generation: Some(1),
             rotate_request: None,
             reason: "IssueFailed".into(),
             message: "503".into(),
-        });
+        }));
         o.stored = o.status.clone();
         let p = plan(&o);
         assert!(

@@ -427,7 +427,7 @@ pub struct KeyStatus {
     pub retiring: Vec<RetiringKey>,
     /// The issuance in flight, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attempt: Option<IssueAttempt>,
+    pub attempt: Option<Box<IssueAttempt>>,
     /// Digest of the spec fields that shape the key and its Secret; a change rotates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape: Option<String>,
@@ -446,7 +446,7 @@ pub struct KeyStatus {
     pub invalid: Option<String>,
     /// Failed issuances, while they last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backoff: Option<IssueBackoff>,
+    pub backoff: Option<Box<IssueBackoff>>,
     /// Secrets keyward wrote under an earlier `secret.name`, still to be deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_secrets: Vec<String>,

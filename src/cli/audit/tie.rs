@@ -324,7 +324,7 @@ mod tests {
                     reason: "Renewing".into(),
                     waiting_for: vec![],
                 }],
-                attempt: Some(attempt("kw:0123abcd.feedf00d")),
+                attempt: Some(Box::new(attempt("kw:0123abcd.feedf00d"))),
                 ..KeyStatus::default()
             },
         );
@@ -454,7 +454,7 @@ mod tests {
                 "busy",
                 "busy",
                 KeyStatus {
-                    attempt: Some(attempt("kw:89ef0123.feedf00d")),
+                    attempt: Some(Box::new(attempt("kw:89ef0123.feedf00d"))),
                     ..held("created/b2/k2")
                 },
             ),
