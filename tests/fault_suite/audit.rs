@@ -323,11 +323,21 @@ async fn snapshot(
 /// A live key nothing references, with what may explain it: its resource's statuses
 /// as the watch saw them and the faults its upstream served shortly before it was made.
 fn explain(k: &LiveKey, history: &History, upstreams: &Upstreams, model: &[Resource]) -> String {
-    let uid = history
-        .names
-        .keys()
-        .find(|uid| !k.owner.is_empty() && uid.replace('-', "").starts_with(&k.owner));
-    let name = uid.and_then(|u| history.names.get(u));
+    let name = match k.provider {
+        // A Prefect key carries no marker: its owner is its service account, which
+        // the resource names in its spec.
+        Provider::Prefect => model
+            .iter()
+            .find(|r| {
+                r.provider == Provider::Prefect && r.spec["serviceAccount"]["name"] == k.owner
+            })
+            .map(|r| r.name.clone()),
+        _ => history
+            .names
+            .iter()
+            .find(|(uid, _)| !k.owner.is_empty() && uid.replace('-', "").starts_with(&k.owner))
+            .map(|(_, name)| name.clone()),
+    };
     let faults = upstreams
         .faults()
         .into_iter()
@@ -355,7 +365,9 @@ fn explain(k: &LiveKey, history: &History, upstreams: &Upstreams, model: &[Resou
         k.created.strftime("%H:%M:%S"),
         k.marker,
         k.discarded,
-        name.map(|n| story(n, history, model)).unwrap_or_default(),
+        name.as_deref()
+            .map(|n| story(n, history, model))
+            .unwrap_or_default(),
     )
 }
 
