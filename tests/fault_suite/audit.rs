@@ -323,21 +323,10 @@ async fn snapshot(
 /// A live key nothing references, with what may explain it: its resource's statuses
 /// as the watch saw them and the faults its upstream served shortly before it was made.
 fn explain(k: &LiveKey, history: &History, upstreams: &Upstreams, model: &[Resource]) -> String {
-    let name = match k.provider {
-        // A Prefect key carries no marker: its owner is its service account, which
-        // the resource names in its spec.
-        Provider::Prefect => model
-            .iter()
-            .find(|r| {
-                r.provider == Provider::Prefect && r.spec["serviceAccount"]["name"] == k.owner
-            })
-            .map(|r| r.name.clone()),
-        _ => history
-            .names
-            .iter()
-            .find(|(uid, _)| !k.owner.is_empty() && uid.replace('-', "").starts_with(&k.owner))
-            .map(|(_, name)| name.clone()),
-    };
+    let name = model
+        .iter()
+        .find(|r| r.provider == k.provider && owner(r, history).as_deref() == Some(&*k.owner))
+        .map(|r| r.name.clone());
     let faults = upstreams
         .faults()
         .into_iter()
@@ -386,20 +375,27 @@ fn story(name: &str, history: &History, model: &[Resource]) -> String {
     format!("\n    what the workload did:\n      {ops}\n    its statuses:\n      {statuses}")
 }
 
+/// Whose a live key is, as [`LiveKey::owner`] says it of the keys of resource `r`: the
+/// resource-uid part of the marker, or (Prefect, which has no room for a marker) the
+/// service account its spec names.
+fn owner(r: &Resource, history: &History) -> Option<String> {
+    match r.provider {
+        Provider::Prefect => r.spec["serviceAccount"]["name"].as_str().map(str::to_owned),
+        _ => history
+            .uid_of(&r.name)
+            .map(|uid| uid.chars().filter(|c| *c != '-').take(8).collect()),
+    }
+}
+
 /// The live keys attributed to a deleted resource by what they carry.
 fn live_keys_of(r: &Resource, live: &[LiveKey], history: &History) -> Vec<String> {
-    let owner = match r.provider {
-        // An adopted service account outlives its resources; its keys are checked
-        // as referenced or not.
-        Provider::Prefect if r.spec["serviceAccount"]["create"] == false => return Vec::new(),
-        Provider::Prefect => r.spec["serviceAccount"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned(),
-        _ => match history.uid_of(&r.name) {
-            Some(uid) => uid.chars().filter(|c| *c != '-').take(8).collect(),
-            None => return Vec::new(),
-        },
+    // An adopted service account outlives its resources; its keys are checked as
+    // referenced or not.
+    if r.provider == Provider::Prefect && r.spec["serviceAccount"]["create"] == false {
+        return Vec::new();
+    }
+    let Some(owner) = owner(r, history) else {
+        return Vec::new();
     };
     live.iter()
         .filter(|k| k.provider == r.provider && k.owner == owner)
