@@ -212,7 +212,7 @@ fn in_flight(o: &Observed, p: &Plan, provider: &ReadyProvider) -> Option<Step> {
     if !o.fresh.contains(&a.secret_name) {
         return Some(Step::ReadSecret(a.secret_name.clone()));
     }
-    Some(Step::RevokeOrphans((**a).clone()))
+    Some(Step::RevokeOrphans(IssueAttempt::clone(a)))
 }
 
 /// A Secret written under an earlier `secret.name`: delete it (if keyward still
@@ -530,7 +530,7 @@ fn orphans_failed(e: &str) -> String {
 /// is no attempt, or its recovery failed in this reconcile).
 fn recover_attempt(o: &Observed, p: &mut Plan, provider: &ReadyProvider) -> Option<Step> {
     adopt(o, p, provider);
-    let a = *p.status.attempt.clone()?;
+    let a = p.status.attempt.as_deref().cloned()?;
     let deadline = landing_deadline(&a, &o.timing);
     if o.now < deadline {
         let message = format!(

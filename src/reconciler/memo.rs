@@ -19,12 +19,10 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Secret;
-
-use crate::secret::CachedSecret;
 use kube::ResourceExt;
 
 use super::ManagedKey;
-use crate::lifecycle::rollout::TargetView;
+use crate::{lifecycle::rollout::TargetView, secret::CachedSecret};
 
 type Entry = (u64, Arc<dyn Any + Send + Sync>);
 
