@@ -106,6 +106,15 @@ impl Recorded {
             watched.iter().map(|r| (r.to_string(), 1)).collect(),
             "one watch per resource type"
         );
+        let lists: Vec<_> = requests
+            .all()
+            .into_iter()
+            .filter(|r| r.verb == "list")
+            .collect();
+        assert!(
+            lists.is_empty(),
+            "every watch's first state streamed, none listed: {lists:?}"
+        );
         ctx
     }
 

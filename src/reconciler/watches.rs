@@ -63,7 +63,7 @@ where
         let (store, writer) = reflector::store();
         let subscribers: std::sync::Arc<Mutex<Vec<mpsc::UnboundedSender<T>>>> = Default::default();
         let fan_out = subscribers.clone();
-        let events = watcher(api, config)
+        let events = streaming_where_served(api, config)
             .default_backoff()
             .modify(move |object| {
                 trim(object);
@@ -111,6 +111,56 @@ where
         let now = self.store.state().into_iter().map(|o| Ok((*o).clone()));
         futures::stream::iter(now).chain(changes)
     }
+}
+
+/// The watch, its first state streamed (`sendInitialEvents`, Kubernetes' WatchList)
+/// where the server serves that, listed in pages where it refuses it.
+///
+/// Streamed, the first state is one request and arrives one object at a time, each
+/// trimmed as it comes; listed, it is a request per 500 objects, each page decoded whole
+/// with every object's `managedFields` before anything is trimmed — the peak of a
+/// restart's memory at 10,000 keys. kube-runtime does not fall back by itself: on a
+/// server with WatchList off (the default of Kubernetes 1.33, or turned off) its
+/// streaming watch is refused as invalid, again and again. Here the first refusal
+/// switches this watch to paged lists for good.
+fn streaming_where_served<T>(
+    api: Api<T>,
+    config: watcher::Config,
+) -> impl Stream<Item = watcher::Result<watcher::Event<T>>> + Send
+where
+    T: Resource + Clone + Debug + DeserializeOwned + Send + 'static,
+    T::DynamicType: Default,
+{
+    let streaming = watcher(api.clone(), config.clone().streaming_lists()).boxed();
+    futures::stream::unfold((streaming, false), move |(mut events, mut paged)| {
+        let (api, config) = (api.clone(), config.clone());
+        async move {
+            loop {
+                match events.next().await? {
+                    Err(watcher::Error::WatchStartFailed(kube::Error::Api(status)))
+                        if !paged && streaming_refused(&status) =>
+                    {
+                        tracing::info!(
+                            resource = %T::plural(&Default::default()),
+                            code = status.code,
+                            "the API server does not stream a watch's first state \
+                             (WatchList); listing it in pages"
+                        );
+                        events = watcher(api.clone(), config.clone()).boxed();
+                        paged = true;
+                    }
+                    event => return Some((event, (events, paged))),
+                }
+            }
+        }
+    })
+}
+
+/// The answer of a server that does not serve `sendInitialEvents`: 422 Invalid
+/// ("sendInitialEvents is forbidden for watch unless the WatchList feature gate is
+/// enabled"), or 400 from a server that does not know the parameter's rules.
+fn streaming_refused(status: &kube::core::Status) -> bool {
+    matches!(status.code, 400 | 422)
 }
 
 /// Drops what keyward never reads from a cached object.
