@@ -313,6 +313,11 @@ impl<K: ManagedKey> Triggers<K> {
 /// to have its credential read again), or the provider gone. A status write — the
 /// provider status controller's own — cannot, and would otherwise re-plan every key
 /// that names the provider, racing the caches of a wave's own writes.
+///
+/// The providers already cached count as seen: every key is planned from the cache
+/// when the controller starts, so the status the provider status controller writes
+/// at start-up must not plan every key a second time (at 10,000 keys, a second request
+/// per key in the controller's queue, holding a reference to the provider).
 fn resolving<P>(
     events: impl Stream<Item = Result<P, watcher::Error>> + Send + 'static,
     store: Store<P>,
@@ -320,7 +325,18 @@ fn resolving<P>(
 where
     P: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
-    let seen: Mutex<HashMap<String, u64>> = Mutex::default();
+    let digest = |provider: &P| {
+        let mut h = DefaultHasher::new();
+        let meta = provider.meta();
+        (&meta.generation, &meta.labels, &meta.annotations).hash(&mut h);
+        h.finish()
+    };
+    let cached = store.state().into_iter();
+    let seen: Mutex<HashMap<String, u64>> = Mutex::new(
+        cached
+            .map(|p| (p.uid().unwrap_or_default(), digest(&p)))
+            .collect(),
+    );
     events.filter(move |event| {
         let Ok(provider) = event else {
             return futures::future::ready(true);
@@ -331,10 +347,8 @@ where
             .is_some_and(|cached| cached.uid() == provider.uid());
         let mut seen = seen.lock().expect("provider digests lock");
         let changed = if present {
-            let mut h = DefaultHasher::new();
-            let meta = provider.meta();
-            (&meta.generation, &meta.labels, &meta.annotations).hash(&mut h);
-            seen.insert(uid, h.finish()) != Some(h.finish())
+            let digest = digest(provider);
+            seen.insert(uid, digest) != Some(digest)
         } else {
             seen.remove(&uid);
             true
@@ -546,11 +560,15 @@ mod tests {
     #[test]
     fn only_what_can_change_resolution_re_plans_the_keys_of_a_provider() {
         let (store, mut writer) = reflector::store();
+        // Cached before the keys' controller starts.
+        writer.apply_watcher_event(&watcher::Event::Apply(provider("u0", 1, "a", 0)));
         let (tx, rx) = futures::channel::mpsc::unbounded();
         let mut passed = resolving(rx.map(Ok), store).boxed();
         // Each line: what the watch delivers (after the cache has it), and whether keys
         // are re-planned for it.
         for (step, (object, deleted, replan)) in [
+            (provider("u0", 1, "a", 1), false, false), // start-up status of a cached one
+            (provider("u0", 1, "a", 1), true, true),   // deleted
             (provider("u1", 1, "a", 0), false, true),  // first seen
             (provider("u1", 1, "a", 1), false, false), // its status written
             (provider("u1", 2, "a", 1), false, true),  // spec changed
