@@ -129,6 +129,13 @@ fn duration(s: &str) -> Result<Duration, String> {
 #[global_allocator]
 static ALLOC: dhat::Alloc = dhat::Alloc;
 
+/// jemalloc: most of what keyward caches is small strings and fixed-size structs,
+/// which it keeps in size-class slabs without glibc's per-allocation header
+/// (docs/performance.md#memory). A heap profile uses dhat's allocator instead.
+#[cfg(all(not(feature = "heap-profile"), not(target_env = "msvc")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     #[cfg(feature = "heap-profile")]

@@ -92,7 +92,7 @@ pub struct Rendered {
 /// Renders the data (the value under `secret.key`, plus template entries) and
 /// the template's labels and annotations.
 pub fn render_all(spec: &SecretSpec, vars: &Variables) -> Result<Rendered, TemplateError> {
-    let template = spec.template.clone().unwrap_or_default();
+    let template = spec.template.as_deref().cloned().unwrap_or_default();
     let mut data = BTreeMap::from([(spec.key.clone(), vars.key.expose().to_owned())]);
     for (k, v) in &template.data {
         data.insert(k.clone(), render(&format!("data.{k}"), v, vars)?);
@@ -336,14 +336,14 @@ mod tests {
         let spec = SecretSpec {
             name: None,
             key: "PREFECT_API_KEY".into(),
-            template: Some(SecretTemplate {
+            template: Some(Box::new(SecretTemplate {
                 data: BTreeMap::from([(
                     "config.toml".into(),
                     "[cloud.agent]\nauth_token = \"{{ key }}\"\n".into(),
                 )]),
                 labels: BTreeMap::from([("rev".into(), "{{revision}}".into())]),
                 ..Default::default()
-            }),
+            })),
         };
         let value = SecretValue::new("pnu_abc".into());
         let r = render_all(&spec, &vars(&value)).unwrap();
@@ -360,14 +360,14 @@ mod tests {
         let spec = SecretSpec {
             name: None,
             key: "api-key".into(),
-            template: Some(SecretTemplate {
+            template: Some(Box::new(SecretTemplate {
                 data: BTreeMap::from([(
                     "auth".into(),
                     r#"{"console.convox.com": {{ json key }}, "expires": {{json expiresAt}}}"#
                         .into(),
                 )]),
                 ..Default::default()
-            }),
+            })),
         };
         let value = SecretValue::new("a\"b".into());
         let r = render_all(&spec, &vars(&value)).unwrap();
@@ -379,10 +379,10 @@ mod tests {
     #[test]
     fn template_errors_name_the_field_and_never_the_value() {
         let mut spec = SecretSpec {
-            template: Some(SecretTemplate {
+            template: Some(Box::new(SecretTemplate {
                 data: BTreeMap::from([("x".into(), "{{ token }}".into())]),
                 ..Default::default()
-            }),
+            })),
             ..Default::default()
         };
         let err = check_template(&spec).unwrap_err();

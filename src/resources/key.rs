@@ -101,7 +101,9 @@ pub struct SecretSpec {
     pub key: String,
     /// Extra data keys, labels and annotations rendered from the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template: Option<SecretTemplate>,
+    // Boxed: most keys have none, and inline it kept every cached key above the
+    // allocator's 1 KiB size class (see `tests::a_cached_key_fits_a_kibibyte`).
+    pub template: Option<Box<SecretTemplate>>,
 }
 
 fn default_secret_key() -> String {
@@ -450,4 +452,18 @@ pub struct KeyStatus {
     /// Secrets keyward wrote under an earlier `secret.name`, still to be deleted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retired_secrets: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every cached key is one allocation of `ArcInner<AuthKey>` (two counters and the
+    /// key). jemalloc's size classes step from 1 KiB to 1.25 KiB: at 10,000 keys, 8
+    /// bytes over 1 KiB cost 2.4 MiB (docs/performance.md#memory).
+    #[test]
+    fn a_cached_key_fits_a_kibibyte() {
+        let cached = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<AuthKey>();
+        assert!(cached <= 1024, "a cached AuthKey takes {cached} bytes");
+    }
 }
