@@ -92,7 +92,8 @@ pub struct Rendered {
 /// Renders the data (the value under `secret.key`, plus template entries) and
 /// the template's labels and annotations.
 pub fn render_all(spec: &SecretSpec, vars: &Variables) -> Result<Rendered, TemplateError> {
-    let template = spec.template.as_deref().cloned().unwrap_or_default();
+    let none = crate::resources::SecretTemplate::default();
+    let template = spec.template.as_deref().unwrap_or(&none);
     let mut data = BTreeMap::from([(spec.key.clone(), vars.key.expose().to_owned())]);
     for (k, v) in &template.data {
         data.insert(k.clone(), render(&format!("data.{k}"), v, vars)?);

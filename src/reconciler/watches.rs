@@ -132,13 +132,15 @@ where
     T::DynamicType: Default,
 {
     let streaming = watcher(api.clone(), config.clone().streaming_lists()).boxed();
-    futures::stream::unfold((streaming, false), move |(mut events, mut paged)| {
-        let (api, config) = (api.clone(), config.clone());
-        async move {
+    // The paged watch's makings, until the first refusal takes them.
+    let fallback = Some((api, config));
+    futures::stream::unfold(
+        (streaming, fallback),
+        |(mut events, mut fallback)| async move {
             loop {
                 match events.next().await? {
                     Err(watcher::Error::WatchStartFailed(kube::Error::Api(status)))
-                        if !paged && streaming_refused(&status) =>
+                        if fallback.is_some() && streaming_refused(&status) =>
                     {
                         tracing::info!(
                             resource = %T::plural(&Default::default()),
@@ -146,14 +148,14 @@ where
                             "the API server does not stream a watch's first state \
                              (WatchList); listing it in pages"
                         );
-                        events = watcher(api.clone(), config.clone()).boxed();
-                        paged = true;
+                        let (api, config) = fallback.take().expect("checked above");
+                        events = watcher(api, config).boxed();
                     }
-                    event => return Some((event, (events, paged))),
+                    event => return Some((event, (events, fallback))),
                 }
             }
-        }
-    })
+        },
+    )
 }
 
 /// The answer of a server that does not serve `sendInitialEvents`: 422 Invalid
