@@ -56,8 +56,8 @@ pub struct Args {
     /// Emulated upstream round trip.
     #[arg(long, default_value_t = 50)]
     pub upstream_latency_ms: u64,
-    /// Upstream rate limit, requests per minute (keyward's default provider budget is
-    /// 600 / minute, burst 10).
+    /// Upstream rate limit, requests per minute; the Tailscale provider's `rateLimit`
+    /// is set to the same (keyward's default budget is 600 / minute, burst 10).
     #[arg(long, default_value_t = 600)]
     pub upstream_rate_limit: u32,
     /// Upstream burst above the rate limit.
