@@ -7,14 +7,16 @@
 
 use std::{
     collections::HashMap,
-    sync::{LazyLock, Mutex, atomic::AtomicU64},
+    sync::{Arc, LazyLock, Mutex},
     time::{Duration, Instant},
 };
 
 use kube::{Resource, ResourceExt};
 use prometheus_client::{
-    encoding::EncodeLabelSet,
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeLabelSet},
     metrics::{
+        MetricType,
         counter::Counter,
         family::Family,
         gauge::Gauge,
@@ -31,9 +33,6 @@ pub const UNKNOWN_PROVIDER: &str = "unknown";
 /// The registry and every metric keyward records.
 pub struct Metrics {
     registry: Registry,
-    key_expiry: Family<KeyLabels, Gauge<f64, AtomicU64>>,
-    key_renewal: Family<KeyLabels, Gauge<f64, AtomicU64>>,
-    key_ready: Family<KeyLabels, Gauge>,
     rotations: Family<RotationLabels, Counter>,
     revocations: Family<ProviderLabels, Counter>,
     failures: Family<FailureLabels, Counter>,
@@ -42,20 +41,91 @@ pub struct Metrics {
     reconcile_duration: Family<ReconcileLabels, Histogram, fn() -> Histogram>,
     queue_depth: Family<KindLabels, Gauge>,
     leader: Gauge,
-    /// Per key: the provider type it last resolved to (the `provider` label of its
-    /// series), and when its next requeue is due (for the queue depth).
-    keys: Mutex<HashMap<KeyRef, KeyState>>,
+    /// Per key: its series and when its next requeue is due (for the queue depth).
+    keys: KeySeries,
     /// Reconciles running now, per kind.
     in_flight: Mutex<HashMap<String, i64>>,
 }
 
-#[derive(Default)]
+/// What keyward knows of one key resource.
+#[derive(Debug, Default)]
 struct KeyState {
+    /// The provider type it last resolved to: the `provider` label of its series.
     provider: Option<&'static str>,
-    /// The provider label its per-key series were last written with.
-    observed_with: Option<&'static str>,
+    /// Its status as last observed; no series until then.
+    observed: Option<Observed>,
     due: Option<Instant>,
 }
+
+#[derive(Clone, Copy, Debug)]
+struct Observed {
+    ready: bool,
+    expiry: Option<f64>,
+    renewal: Option<f64>,
+}
+
+/// The per-key series (`key_ready`, `key_expiry_timestamp_seconds`,
+/// `key_renewal_timestamp_seconds`), encoded from one entry per key at scrape time.
+/// Kept as prometheus-client `Family`s they held a label set of four strings and a
+/// gauge per series: three hash-map entries and ~700 bytes for every upstream key.
+#[derive(Clone, Debug, Default)]
+struct KeySeries(Arc<Mutex<HashMap<KeyRef, KeyState>>>);
+
+impl KeySeries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<KeyRef, KeyState>> {
+        self.0.lock().expect("metrics lock")
+    }
+
+    /// Encodes one gauge over every observed key that `value` gives a value for.
+    fn encode_gauge<V: EncodeGaugeValue>(
+        keys: &HashMap<KeyRef, KeyState>,
+        encoder: &mut DescriptorEncoder,
+        (name, help): (&str, &str),
+        value: impl Fn(&Observed) -> Option<V>,
+    ) -> std::fmt::Result {
+        let mut series = keys.iter().filter_map(|(key, state)| {
+            let value = value(state.observed.as_ref()?)?;
+            Some((key, state.provider.unwrap_or(UNKNOWN_PROVIDER), value))
+        });
+        // Like a Family, no descriptor while there is no series.
+        let Some(first) = series.next() else {
+            return Ok(());
+        };
+        let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+        for (key, provider, value) in std::iter::once(first).chain(series) {
+            let labels = [
+                ("kind", key.kind.as_str()),
+                ("namespace", key.namespace.as_str()),
+                ("name", key.name.as_str()),
+                ("provider", provider),
+            ];
+            metric.encode_family(&labels)?.encode_gauge(&value)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for KeySeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let keys = self.lock();
+        Self::encode_gauge(&keys, &mut encoder, KEY_EXPIRY, |o| o.expiry)?;
+        Self::encode_gauge(&keys, &mut encoder, KEY_RENEWAL, |o| o.renewal)?;
+        Self::encode_gauge(&keys, &mut encoder, KEY_READY, |o| Some(i64::from(o.ready)))
+    }
+}
+
+const KEY_EXPIRY: (&str, &str) = (
+    "key_expiry_timestamp_seconds",
+    "When the key currently in the Secret expires (Unix seconds); absent for keys without expiry",
+);
+const KEY_RENEWAL: (&str, &str) = (
+    "key_renewal_timestamp_seconds",
+    "When keyward will renew the key (Unix seconds); absent when the key is never renewed",
+);
+const KEY_READY: (&str, &str) = (
+    "key_ready",
+    "1 when the key resource's Ready condition is True, else 0",
+);
 
 /// Identifies one key resource in the metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -73,14 +143,6 @@ impl KeyRef {
             name: key.name_any(),
         }
     }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KeyLabels {
-    kind: String,
-    namespace: String,
-    name: String,
-    provider: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -145,25 +207,9 @@ impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("keyward");
         let r = &mut registry;
+        let keys = KeySeries::default();
+        r.register_collector(Box::new(keys.clone()));
         Self {
-            key_expiry: register(
-                r,
-                "key_expiry_timestamp_seconds",
-                "When the key currently in the Secret expires (Unix seconds); absent for keys without expiry",
-                Family::default(),
-            ),
-            key_renewal: register(
-                r,
-                "key_renewal_timestamp_seconds",
-                "When keyward will renew the key (Unix seconds); absent when the key is never renewed",
-                Family::default(),
-            ),
-            key_ready: register(
-                r,
-                "key_ready",
-                "1 when the key resource's Ready condition is True, else 0",
-                Family::default(),
-            ),
             rotations: register(
                 r,
                 "rotations",
@@ -207,7 +253,7 @@ impl Metrics {
                 "1 while this process runs the controllers (holds the lease, or runs without leader election), else 0",
                 Gauge::default(),
             ),
-            keys: Mutex::new(HashMap::new()),
+            keys,
             in_flight: Mutex::new(HashMap::new()),
             registry,
         }
@@ -225,74 +271,33 @@ impl Metrics {
     /// A key's provider resolved to this provider type (`builtin`, `tailscale`, …);
     /// later series of the key carry it as their `provider` label.
     pub fn resolved(&self, key: &KeyRef, provider: &'static str) {
-        self.keys
-            .lock()
-            .unwrap()
-            .entry(key.clone())
-            .or_default()
-            .provider = Some(provider);
+        self.keys.lock().entry(key.clone()).or_default().provider = Some(provider);
     }
 
     fn provider(&self, key: &KeyRef) -> &'static str {
         self.keys
             .lock()
-            .unwrap()
             .get(key)
             .and_then(|s| s.provider)
             .unwrap_or(UNKNOWN_PROVIDER)
     }
 
-    fn key_labels(key: &KeyRef, provider: &str) -> KeyLabels {
-        KeyLabels {
-            kind: key.kind.clone(),
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            provider: provider.to_owned(),
-        }
-    }
-
-    fn remove_key_series(&self, labels: &KeyLabels) {
-        self.key_expiry.remove(labels);
-        self.key_renewal.remove(labels);
-        self.key_ready.remove(labels);
-    }
-
     /// Sets the per-key series from the key's status (readiness, expiry, renewal).
     pub fn key_observed(&self, key: &KeyRef, status: Option<&KeyStatus>) {
-        let provider = {
-            let mut keys = self.keys.lock().unwrap();
-            let state = keys.entry(key.clone()).or_default();
-            let provider = state.provider.unwrap_or(UNKNOWN_PROVIDER);
-            if let Some(previous) = state.observed_with.replace(provider)
-                && previous != provider
-            {
-                self.remove_key_series(&Self::key_labels(key, previous));
-            }
-            provider
-        };
-        let labels = Self::key_labels(key, provider);
-        let ready = status.is_some_and(KeyStatus::is_ready);
-        self.key_ready.get_or_create(&labels).set(ready.into());
         let seconds = |t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
             t.map(|t| t.0.as_millisecond() as f64 / 1000.0)
         };
-        match seconds(status.and_then(|s| s.expires_at.as_ref())) {
-            Some(at) => _ = self.key_expiry.get_or_create(&labels).set(at),
-            None => _ = self.key_expiry.remove(&labels),
-        }
-        match seconds(status.and_then(|s| s.renewal_time.as_ref())) {
-            Some(at) => _ = self.key_renewal.get_or_create(&labels).set(at),
-            None => _ = self.key_renewal.remove(&labels),
-        }
+        let observed = Observed {
+            ready: status.is_some_and(KeyStatus::is_ready),
+            expiry: seconds(status.and_then(|s| s.expires_at.as_ref())),
+            renewal: seconds(status.and_then(|s| s.renewal_time.as_ref())),
+        };
+        self.keys.lock().entry(key.clone()).or_default().observed = Some(observed);
     }
 
     /// The key resource is gone (finalizer released): drop its series and state.
     pub fn key_forgotten(&self, key: &KeyRef) {
-        if let Some(state) = self.keys.lock().unwrap().remove(key)
-            && let Some(provider) = state.observed_with
-        {
-            self.remove_key_series(&Self::key_labels(key, provider));
-        }
+        self.keys.lock().remove(key);
     }
 
     /// A key was issued for `reason` (a lifecycle trigger reason).
@@ -343,7 +348,7 @@ impl Metrics {
 
     /// A reconcile of `key` starts; pass the returned instant to [`Self::reconciled`].
     pub fn reconcile_started(&self, key: &KeyRef) -> Instant {
-        if let Some(state) = self.keys.lock().unwrap().get_mut(key) {
+        if let Some(state) = self.keys.lock().get_mut(key) {
             state.due = None;
         }
         *self
@@ -370,8 +375,7 @@ impl Metrics {
 
     /// The controller will requeue `key` after `wait` (None: only on a change).
     pub fn scheduled(&self, key: &KeyRef, wait: Option<Duration>) {
-        let mut keys = self.keys.lock().unwrap();
-        if let Some(state) = keys.get_mut(key) {
+        if let Some(state) = self.keys.lock().get_mut(key) {
             state.due = wait.map(|w| Instant::now() + w);
         }
     }
@@ -384,7 +388,7 @@ impl Metrics {
     fn refresh_queue_depth(&self) {
         let now = Instant::now();
         let mut depth: HashMap<String, i64> = HashMap::new();
-        for (key, state) in self.keys.lock().unwrap().iter() {
+        for (key, state) in self.keys.lock().iter() {
             if state.due.is_some_and(|due| due <= now) {
                 *depth.entry(key.kind.clone()).or_default() += 1;
             }
@@ -446,6 +450,25 @@ mod tests {
         m.key_forgotten(&k);
         let text = m.encode();
         assert!(!text.contains(r#"name="a""#), "{text}");
+    }
+
+    #[test]
+    fn a_key_without_expiry_has_only_its_ready_series_and_none_before_it_is_observed() {
+        let m = Metrics::new();
+        let k = key("c");
+        m.resolved(&k, "builtin");
+        assert!(!m.encode().contains("keyward_key_"), "not observed yet");
+        m.key_observed(&k, None);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"keyward_key_ready{kind="AuthKey",namespace="ns",name="c",provider="builtin"} 0"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE keyward_key_ready gauge"), "{text}");
+        assert!(!text.contains("keyward_key_expiry"), "{text}");
+        assert!(!text.contains("keyward_key_renewal"), "{text}");
     }
 
     #[test]

@@ -26,7 +26,8 @@ pub struct KeyView {
     pub deleting: bool,
     /// keyward's finalizer is on the object.
     pub finalized: bool,
-    /// Value of `keyward.dev/rotate`, if set.
+    /// Value of `keyward.dev/rotate`, if set to one the status has not recorded as
+    /// handled (`status.rotateRequest`).
     pub rotate_request: Option<String>,
     /// Digest of the spec fields that shape the key and its Secret.
     pub shape: String,
