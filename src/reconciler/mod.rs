@@ -21,7 +21,7 @@ mod watches;
 mod world;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     fmt::Debug,
     hash::{DefaultHasher, Hash, Hasher},
     sync::{Arc, Mutex},
@@ -90,6 +90,9 @@ pub trait ManagedKey:
     fn shape(&self) -> KeyShape;
     fn key_status(&self) -> Option<&KeyStatus>;
     fn rollout(&self) -> &[RolloutTarget];
+    /// A pending rotate request as the key cache keeps it (see [`cut_key`]).
+    fn cached_rotate_request(&self) -> Option<&str>;
+    fn cache_rotate_request(&mut self, request: Option<Box<str>>);
 }
 
 /// The accessors both key kinds answer from identically named spec fields.
@@ -118,6 +121,12 @@ macro_rules! shared_key_fields {
         }
         fn rollout(&self) -> &[RolloutTarget] {
             &self.spec.rollout
+        }
+        fn cached_rotate_request(&self) -> Option<&str> {
+            self.spec.cached_rotate_request.as_deref()
+        }
+        fn cache_rotate_request(&mut self, request: Option<Box<str>>) {
+            self.spec.cached_rotate_request = request;
         }
     };
 }
@@ -160,25 +169,27 @@ pub fn secret_name<K: ManagedKey>(key: &K) -> String {
 
 /// The key's `keyward.dev/rotate` request, unless its status records it as handled:
 /// a handled request means nothing to the planner (the trigger fires only on a value
-/// the status has not recorded), so the key cache may drop it (see [`cut_key`]) and
-/// the planner sees the same key from the cache and from the API server.
+/// the status has not recorded), so the key cache drops it (see [`cut_key`]) and the
+/// planner sees the same key from the cache and from the API server.
 fn rotate_request<K: ManagedKey>(key: &K) -> Option<&str> {
     let handled = key.key_status().and_then(|s| s.rotate_request.as_deref());
     key.annotations()
         .get(ROTATE_ANNOTATION)
         .map(String::as_str)
+        .or(key.cached_rotate_request())
         .filter(|request| Some(*request) != handled)
 }
 
-/// What the key cache keeps of a key's labels and annotations: only a pending rotate
-/// request. keyward reads nothing else there, and every non-empty map is a B-tree
-/// node of half a kilobyte — the rotate annotation left on every key after a forced
-/// rotation was 5 MiB at 10,000 keys.
+/// What the key cache keeps of a key's labels and annotations: a pending rotate
+/// request, out of the annotation map. keyward reads nothing else there, and every
+/// non-empty map is a B-tree node of half a kilobyte — with the rotate annotation on
+/// every key of a rotation wave, 5 MiB at 10,000 keys.
 fn cut_key<K: ManagedKey>(key: &mut K) {
-    let pending = rotate_request(key).map(str::to_owned);
+    let pending = rotate_request(key).map(Box::from);
+    key.cache_rotate_request(pending);
     let meta = key.meta_mut();
     meta.labels = None;
-    meta.annotations = pending.map(|r| BTreeMap::from([(ROTATE_ANNOTATION.to_owned(), r)]));
+    meta.annotations = None;
 }
 
 /// The key resource as the planner sees it.
@@ -601,7 +612,7 @@ mod tests {
     }
 
     #[test]
-    fn the_key_cache_keeps_only_a_pending_rotate_request_and_plans_the_same() {
+    fn the_key_cache_keeps_no_annotations_but_a_pending_rotate_request_and_plans_the_same() {
         for (annotation, handled, kept) in [
             (None, None, None),
             (Some("r1"), None, Some("r1")),       // pending
@@ -616,12 +627,8 @@ mod tests {
             assert_eq!(key_view(&cached), key_view(&full), "{case}");
             assert_eq!(key_view(&full).rotate_request.as_deref(), kept, "{case}");
             assert_eq!(cached.meta().labels, None, "{case}");
-            let annotations = cached.meta().annotations.as_ref();
-            assert_eq!(
-                annotations.map(|a| a.keys().map(String::as_str).collect::<Vec<_>>()),
-                kept.map(|_| vec![ROTATE_ANNOTATION]),
-                "{case}"
-            );
+            assert_eq!(cached.meta().annotations, None, "{case}");
+            assert_eq!(cached.cached_rotate_request(), kept, "{case}");
         }
     }
 

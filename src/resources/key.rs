@@ -106,6 +106,11 @@ pub struct SecretSpec {
     pub template: Option<Box<SecretTemplate>>,
 }
 
+/// A field that is never serialized.
+fn never<T>(_: &T) -> bool {
+    true
+}
+
 fn default_secret_key() -> String {
     "key".to_owned()
 }
@@ -212,6 +217,15 @@ pub struct AuthKeySpec {
     /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Not part of the API, never serialized: the value of a pending
+    /// `keyward.dev/rotate` annotation, moved here by the key cache
+    /// (`reconciler::cut_key`), which keeps no annotation map: each is a B-tree node
+    /// of half a kilobyte, held by every key of a rotation wave until its turn.
+    // Not `skip`: kube's `KubeSchema` derive copies the struct to build the schema,
+    // and a field its Serialize never reads is dead code there.
+    #[serde(skip_deserializing, skip_serializing_if = "never")]
+    #[schemars(skip)]
+    pub cached_rotate_request: Option<Box<str>>,
 }
 
 /// The upstream principal a `ServiceAccountKey` belongs to.
@@ -314,6 +328,15 @@ pub struct ServiceAccountKeySpec {
     /// `Revoke` (default) or `Retain` upstream keys when the resource is deleted.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+    /// Not part of the API, never serialized: the value of a pending
+    /// `keyward.dev/rotate` annotation, moved here by the key cache
+    /// (`reconciler::cut_key`), which keeps no annotation map: each is a B-tree node
+    /// of half a kilobyte, held by every key of a rotation wave until its turn.
+    // Not `skip`: kube's `KubeSchema` derive copies the struct to build the schema,
+    // and a field its Serialize never reads is dead code there.
+    #[serde(skip_deserializing, skip_serializing_if = "never")]
+    #[schemars(skip)]
+    pub cached_rotate_request: Option<Box<str>>,
 }
 
 impl KeyStatus {

@@ -517,6 +517,7 @@ fn spec(rng: &mut Rng, name: &str) -> (AuthKeySpec, Option<String>) {
         } else {
             DeletionPolicy::Revoke
         },
+        cached_rotate_request: None,
     };
     let rotate = rng.chance(300).then(|| "from-the-manifest".to_owned());
     (spec, rotate)
