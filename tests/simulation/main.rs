@@ -829,7 +829,11 @@ impl Schedule {
         let owners = match change {
             Change::Key(name, object) => {
                 match object {
-                    Some(k) => inst.cache.keys.insert(name.clone(), *k),
+                    Some(mut k) => {
+                        // Cached as keyward's own watch caches it.
+                        keyward::reconciler::cut_key(&mut *k);
+                        inst.cache.keys.insert(name.clone(), *k)
+                    }
                     None => inst.cache.keys.remove(&name),
                 };
                 vec![name]
